@@ -1,0 +1,355 @@
+"""The five stage loops. Private: ``pipeline.py`` wires them together.
+
+A stage takes tickets from its inbox, skips the ones already finished (cancelled, timed
+out, displaced), runs its hook and forwards the ticket to the next channel, waiting when
+that channel is full (backpressure, which ends as ``Overloaded`` at admission). A hook
+that returns an awaitable runs in a task of its own, bounded per stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from orchestrator import metrics
+from orchestrator._channel import Channel
+from orchestrator.errors import InferenceError, Overloaded, QueueFull, StageError
+from orchestrator.types import PostOutput, RequestStatus
+from orchestrator.workers.base import worker_name
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Coroutine
+
+    from orchestrator.enhanced.priority import PriorityQueue
+    from orchestrator.ticket import Ticket
+    from orchestrator.workers.base import ModelWorker
+
+logger = logging.getLogger("orchestrator.pipeline")
+
+_FAILED = RequestStatus.FAILED
+_COMPLETED = RequestStatus.COMPLETED
+
+
+def _spawn(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    return loop.create_task(coro)
+
+
+if sys.version_info >= (3, 12):  # run until the first await at once: no scheduling round trip
+
+    def _spawn(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
+    ) -> asyncio.Task[None]:
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+
+
+def fail(ticket: Ticket, stage: str, error: BaseException) -> None:
+    """Fail ``ticket`` with ``error`` and count it."""
+    if ticket.finish(_FAILED, error=error):
+        metrics.ERRORS.labels(stage, type(error).__name__).inc()
+
+
+def _push_inference(queue: PriorityQueue[Ticket], ticket: Ticket) -> bool:
+    """Queue ``ticket`` for inference; ``False`` if it must wait for room.
+
+    At capacity a higher-priority ticket displaces the newest ticket of the lowest level
+    present, which fails as ``Overloaded`` (counted as shed).
+    """
+    try:
+        displaced = queue.push_nowait(ticket.priority, ticket)
+    except QueueFull:
+        return False
+    if displaced is not None:
+        victim = displaced[1]
+        metrics.SHED.labels("inference").inc()
+        fail(
+            victim,
+            "inference",
+            Overloaded(
+                f"request {victim.request_id} was displaced by higher-priority work",
+                stage="inference",
+            ),
+        )
+    return True
+
+
+class Stage:
+    """A stage whose work is a hook: ``work(ticket)`` returns a value or an awaitable of one,
+    ``store(ticket, value)`` keeps it, then the ticket moves on (``outbox`` is a ``Channel``,
+    the inference ``PriorityQueue``, or ``None`` for the last stage)."""
+
+    def __init__(
+        self,
+        name: str,
+        inbox: Channel[Ticket],
+        outbox: Channel[Ticket] | PriorityQueue[Ticket] | None,
+        work: Callable[[Ticket], Any],
+        store: Callable[[Ticket, Any], None],
+        concurrency: int,
+    ) -> None:
+        self.name = name
+        self.inbox = inbox
+        self.outbox = outbox
+        self.work = work
+        self.store = store
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._duration = metrics.STAGE_DURATION.labels(name)
+
+    async def forward(self, ticket: Ticket) -> None:
+        """Hand ``ticket`` to the next stage, waiting for room when it is full."""
+        outbox = self.outbox
+        if isinstance(outbox, Channel):
+            if len(outbox.items) < outbox.maxsize:
+                outbox.put_nowait(ticket)
+            else:
+                await outbox.put(ticket)
+        elif outbox is not None and not _push_inference(outbox, ticket):
+            await outbox.put(ticket.priority, ticket)
+
+    async def run(self) -> None:
+        inbox, work, store = self.inbox, self.work, self.store
+        items = inbox.items
+        duration = self._duration
+        clock = time.perf_counter
+        forward, outbox = self.forward, self.outbox
+        channel = outbox if isinstance(outbox, Channel) else None
+        try:
+            while True:
+                if not items:
+                    await inbox.wait()
+                ticket = inbox.get_nowait()
+                if ticket._done:
+                    continue
+                start = clock()
+                try:
+                    value = work(ticket)
+                    if type(value) is not str and inspect.isawaitable(value):
+                        await self._slots.acquire()
+                        task = asyncio.create_task(self._finish_async(ticket, value, start))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                        continue
+                    store(ticket, value)
+                except Exception as exc:
+                    self._hook_failed(ticket, exc)
+                    continue
+                duration.observe(clock() - start)
+                if channel is not None and len(channel.items) < channel.maxsize:
+                    channel.put_nowait(ticket)
+                elif outbox is not None:
+                    await forward(ticket)
+        finally:
+            await cancel_all(self._tasks)
+
+    async def _finish_async(self, ticket: Ticket, value: Awaitable[Any], start: float) -> None:
+        try:
+            try:
+                self.store(ticket, await value)
+            except Exception as exc:
+                self._hook_failed(ticket, exc)
+                return
+            finally:
+                self._slots.release()
+            self._duration.observe(time.perf_counter() - start)
+            if not ticket._done:
+                await self.forward(ticket)
+        except asyncio.CancelledError:
+            if not ticket._done:
+                raise
+
+    def _hook_failed(self, ticket: Ticket, exc: Exception) -> None:
+        logger.warning("%s hook failed for request %s: %r", self.name, ticket.request_id, exc)
+        error = StageError(self.name, repr(exc))
+        error.__cause__ = exc
+        fail(ticket, self.name, error)
+
+
+class InferenceStage:
+    """Takes tickets in priority order and runs up to ``max_concurrency`` worker calls at
+    once, each in a task of its own so that ``Ticket.cancel()`` and deadlines reach it.
+
+    A ticket whose tokens someone iterates is produced with ``worker.stream()`` (tokens
+    reach it live); others with ``worker.infer()``, which HTTP workers answer without
+    streaming overhead. Both give the same tokens.
+    """
+
+    name = "inference"
+
+    def __init__(
+        self,
+        inbox: PriorityQueue[Ticket],
+        outbox: Channel[Ticket],
+        worker: ModelWorker,
+        max_concurrency: int,
+    ) -> None:
+        self.inbox = inbox
+        self.outbox = outbox
+        self.worker = worker
+        self.worker_name = worker_name(worker)
+        self.max_concurrency = max_concurrency
+        self.active = 0
+        self._slot_free: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._duration = metrics.STAGE_DURATION.labels("inference")
+        self._latency = metrics.WORKER_LATENCY.labels(self.worker_name)
+        self._tokens = metrics.WORKER_TOKENS.labels(self.worker_name, "completion")
+
+    async def run(self) -> None:
+        inbox = self.inbox
+        loop = asyncio.get_running_loop()
+        tasks = self._tasks
+        limit = self.max_concurrency
+        try:
+            while True:
+                if self.active >= limit:
+                    self._slot_free = loop.create_future()
+                    await self._slot_free
+                    continue
+                entry = inbox.pop_nowait()
+                if entry is None:
+                    entry = await inbox.get()
+                ticket = entry[1]
+                if ticket._done:
+                    continue
+                self.active += 1
+                task = _spawn(loop, self._call(ticket))
+                if not task.done():
+                    ticket._task = task
+                    tasks.add(task)
+        finally:
+            await cancel_all(tasks)
+
+    async def _call(self, ticket: Ticket) -> None:
+        try:
+            if ticket._done:  # finished (cancelled, expired) before this call started
+                return
+            start = time.perf_counter()
+            ticket.set_processing()
+            try:
+                if ticket._watched:
+                    await self._stream(ticket)
+                else:
+                    ticket.push_tokens(await self.worker.infer(ticket.prompt))
+            except asyncio.CancelledError:
+                if not ticket._done:
+                    raise  # the pipeline is stopping; it fails the ticket
+                return
+            except Exception as exc:
+                fail(ticket, "inference", self._as_inference_error(exc))
+                return
+            finally:
+                ticket._task = None
+            elapsed = time.perf_counter() - start
+            self._latency.observe(elapsed)
+            self._duration.observe(elapsed)
+            self._tokens.inc(ticket.token_count)
+        finally:
+            self._tasks.discard(asyncio.current_task())
+            self.active -= 1
+            waiter = self._slot_free
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        if ticket._done:
+            return
+        outbox = self.outbox
+        if len(outbox.items) < outbox.maxsize:
+            outbox.put_nowait(ticket)
+        else:
+            await outbox.put(ticket)
+
+    async def _stream(self, ticket: Ticket) -> None:
+        stream = self.worker.stream(ticket.prompt)
+        push = ticket.push_token
+        try:
+            async for token in stream:
+                push(token)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _as_inference_error(self, exc: Exception) -> InferenceError:
+        if isinstance(exc, InferenceError):
+            return exc
+        error = InferenceError(
+            f"{self.worker_name} worker failed: {exc!r}", worker=self.worker_name
+        )
+        error.__cause__ = exc
+        return error
+
+
+def post_work(processors: tuple[Callable[..., Any], ...]) -> Callable[[Ticket], Any]:
+    """Post: join the tokens and run the processors in order (async ones awaited)."""
+
+    def work(ticket: Ticket) -> Any:
+        text = "".join(ticket._tokens)
+        for i, processor in enumerate(processors):
+            result = processor(ticket.request, text)
+            if type(result) is not str and inspect.isawaitable(result):
+                return _post_rest(processors[i + 1 :], ticket, result)
+            text = result
+        return text
+
+    return work
+
+
+async def _post_rest(
+    processors: tuple[Callable[..., Any], ...], ticket: Ticket, pending: Awaitable[str]
+) -> str:
+    text = await pending
+    for processor in processors:
+        result = processor(ticket.request, text)
+        text = await result if inspect.isawaitable(result) else result
+    return text
+
+
+def store_text(ticket: Ticket, text: Any) -> None:
+    """Keep the Post stage's output."""
+    if type(text) is not str:
+        raise TypeError(f"a post processor returned {type(text).__name__}, expected str")
+    ticket.output = text
+
+
+def stream_work(sinks: tuple[Callable[[PostOutput], Any], ...]) -> Callable[[Ticket], Any]:
+    """Stream: call each sink with the output (the ticket completes in ``store_completed``)."""
+
+    def work(ticket: Ticket) -> Any:
+        if not sinks:
+            return ""
+        output = PostOutput(ticket.request, ticket.output)
+        for i, sink in enumerate(sinks):
+            result = sink(output)
+            if inspect.isawaitable(result):
+                return _sinks_rest(sinks[i + 1 :], output, result)
+        return ""
+
+    return work
+
+
+async def _sinks_rest(
+    sinks: tuple[Callable[[PostOutput], Any], ...], output: PostOutput, pending: Awaitable[Any]
+) -> str:
+    await pending
+    for sink in sinks:
+        result = sink(output)
+        if inspect.isawaitable(result):
+            await result
+    return ""
+
+
+def store_completed(ticket: Ticket, _value: Any) -> None:
+    """Complete the ticket with the Post stage's output."""
+    ticket.finish(_COMPLETED, result=ticket.output)
+
+
+async def cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for them to end (shielded from our own cancellation)."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))

@@ -1,0 +1,80 @@
+"""``PipelineConfig``: the sizes, deadlines, hooks and policies of one pipeline."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from orchestrator.hooks import (
+    DEFAULT_TEMPLATE,
+    OutputSink,
+    PostProcessor,
+    Retriever,
+    Template,
+    default_retriever,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = ["PipelineConfig"]
+
+_pos_int = attrs.validators.and_(attrs.validators.instance_of(int), attrs.validators.ge(1))
+_pos_float = attrs.validators.gt(0.0)
+
+
+def _check_template(_inst: Any, _attr: Any, value: Template) -> None:
+    if isinstance(value, str):
+        try:
+            value.format(context="", input="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"template must be a format string using only {{context}} and {{input}}: {exc}"
+            ) from exc
+    elif not callable(value):
+        raise TypeError(f"template must be a str or a callable, got {type(value).__name__}")
+
+
+def _processors(value: Iterable[PostProcessor]) -> tuple[PostProcessor, ...]:
+    return tuple(value)
+
+
+def _sinks(value: Iterable[OutputSink]) -> tuple[OutputSink, ...]:
+    return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class PipelineConfig:
+    """Sizes, deadlines, hooks and policies of one pipeline.
+
+    Each ``*_capacity`` bounds the channel that feeds that stage (the seed's sizes); a full
+    RAG channel makes ``submit`` raise ``Overloaded``. ``max_concurrency`` bounds the worker
+    calls in flight; ``stage_concurrency`` the async hook calls in flight per stage.
+
+    Example:
+        >>> PipelineConfig(max_concurrency=8, request_timeout=30).inference_capacity
+        1024
+    """
+
+    rag_capacity: int = attrs.field(default=512, validator=_pos_int)
+    assemble_capacity: int = attrs.field(default=512, validator=_pos_int)
+    inference_capacity: int = attrs.field(default=1024, validator=_pos_int)
+    post_capacity: int = attrs.field(default=512, validator=_pos_int)
+    stream_capacity: int = attrs.field(default=256, validator=_pos_int)
+    max_concurrency: int = attrs.field(default=64, validator=_pos_int)
+    stage_concurrency: int = attrs.field(default=32, validator=_pos_int)
+    request_timeout: float = attrs.field(default=300.0, validator=_pos_float, converter=float)
+    drain_timeout: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    retention_seconds: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+    retention_max: int = attrs.field(default=10_000, validator=attrs.validators.ge(0))
+    priority_aging: float | None = attrs.field(default=None)
+    retriever: Retriever = attrs.field(default=default_retriever)
+    template: Template = attrs.field(default=DEFAULT_TEMPLATE, validator=_check_template)
+    post_processors: tuple[PostProcessor, ...] = attrs.field(default=(), converter=_processors)
+    sinks: tuple[OutputSink, ...] = attrs.field(default=(), converter=_sinks)
+
+    @priority_aging.validator
+    def _check_aging(self, _attr: Any, value: float | None) -> None:
+        if value is not None and not value > 0:
+            raise ValueError(f"priority_aging must be > 0 seconds or None, got {value}")

@@ -1,0 +1,1 @@
+"""Starlette server for orchestrator (the ``server`` extra)."""
