@@ -204,19 +204,28 @@ class Ticket:
             await _wait_on(self._token_waiters)
 
     async def cancel(self) -> bool:
-        """End the request as ``cancelled`` wherever it is, its worker call included.
+        """End the request as ``cancelled`` wherever it is, and wait for its worker call
+        (if one was in flight) to unwind.
 
         Returns:
             ``True`` if this call cancelled it, ``False`` if it had already finished.
         """
         task = self._task
-        if not self.finish(
-            _CANCELLED, error=RequestCancelled(f"request {self.request_id} was cancelled")
-        ):
+        if not self.cancel_nowait():
             return False
         if task is not None and task is not asyncio.current_task():
             await asyncio.wait({task}, timeout=_CANCEL_GRACE)
         return True
+
+    def cancel_nowait(self) -> bool:
+        """End the request as ``cancelled`` and cancel its worker call, without waiting.
+
+        Returns:
+            ``True`` if this call cancelled it, ``False`` if it had already finished.
+        """
+        return self.finish(
+            _CANCELLED, error=RequestCancelled(f"request {self.request_id} was cancelled")
+        )
 
     # -- what the pipeline calls -----------------------------------------------------------
 

@@ -1,0 +1,31 @@
+"""The seed's full-stack demo: EchoWorker behind REST, WebSocket and SSE on port 8080.
+
+    python examples/web_api_demo.py            # or SERVER_PORT=9000 python examples/...
+
+Then, from another shell:
+
+    curl -s localhost:8080/api/v1/infer -H 'content-type: application/json' \\
+         -d '{"prompt": "What is the capital of France?", "session_id": "user-123",
+              "metadata": {"priority": "high"}}'
+    curl -s localhost:8080/api/v1/result/<request_id>
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from orchestrator_server import ServerConfig, start_server
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = ServerConfig.from_env(worker="echo")
+    logging.getLogger("web_api_demo").info(
+        "serving on http://%s:%d (worker: %s)", config.host, config.port, config.worker
+    )
+    asyncio.run(start_server(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""``WS /api/v1/stream``: several requests in flight on one socket, tokens on request.
+
+Client -> server: ``{"prompt", "session_id"?, "metadata"?, "stream"?}``.
+Server -> client: ``{"request_id", "status": "processing"}``, then (with ``"stream": true``)
+``{"request_id", "status": "streaming", "token"}`` frames, then ``{"request_id",
+"status": "completed", "result"}`` or ``{"request_id", "status": <failed|timeout|cancelled>,
+"error"}``. Bad input gets ``{"error": "..."}`` and the socket stays open.
+
+Frames go out through a bounded queue drained by one sender task: the pipeline never waits
+on a client. A client that stops reading (queue full, or a send slower than
+``ws_send_timeout``) is disconnected and its requests are cancelled; so are the requests
+of a client that disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from orchestrator import OrchestratorError, RateLimited, Ticket
+from orchestrator_server.routes import BadRequest, config_of, handles_of, parse_infer
+
+__all__ = ["stream_endpoint"]
+
+logger = logging.getLogger("orchestrator_server.websocket")
+
+_OUTBOX_FRAMES = 1024
+_SLOW_CLIENT = 1008  # policy violation
+
+
+class _Connection:
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.config = config_of(websocket)
+        self.handles = handles_of(websocket)
+        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(_OUTBOX_FRAMES)
+        self.tickets: dict[str, Ticket] = {}
+        self.followers: set[asyncio.Task[None]] = set()
+        client = websocket.client
+        self.default_session = f"ip:{client.host}" if client else "anonymous"
+        self.too_slow = False
+        self.sender_task: asyncio.Task[None] | None = None
+
+    def emit(self, frame: dict[str, Any]) -> None:
+        """Queue a frame; a client so far behind that the queue is full is dropped."""
+        if self.too_slow:
+            return
+        try:
+            self.outbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.too_slow = True
+            if self.sender_task is not None:
+                self.sender_task.cancel()
+
+    async def sender(self) -> None:
+        send, timeout = self.websocket.send_text, self.config.ws_send_timeout
+        while (frame := await self.outbox.get()) is not None:
+            async with asyncio.timeout(timeout):
+                await send(json.dumps(frame))
+
+    async def handle(self, text: str) -> None:
+        if len(text.encode()) > self.config.max_ws_message_size:
+            self.emit({"error": f"message is larger than {self.config.max_ws_message_size} bytes"})
+            return
+        try:
+            request, stream = parse_infer(json.loads(text), self.default_session)
+        except ValueError as exc:  # BadRequest, or invalid JSON
+            message = str(exc) if isinstance(exc, BadRequest) else "message is not valid JSON"
+            self.emit({"error": message})
+            return
+        try:
+            ticket = await self.handles.submit(request, stream=stream)
+        except RateLimited as exc:
+            self.emit({"error": str(exc), "retry_after": exc.reset_in})
+            return
+        except OrchestratorError as exc:
+            self.emit({"error": str(exc)})
+            return
+        self.tickets[ticket.request_id] = ticket
+        self.emit({"request_id": ticket.request_id, "status": "processing"})
+        task = asyncio.create_task(self.follow(ticket, stream))
+        self.followers.add(task)
+        task.add_done_callback(self.followers.discard)
+
+    async def follow(self, ticket: Ticket, stream: bool) -> None:
+        request_id = ticket.request_id
+        try:
+            if stream:
+                try:
+                    async for token in ticket.tokens():
+                        self.emit({"request_id": request_id, "status": "streaming", "token": token})
+                except OrchestratorError:
+                    pass  # reported in the final frame
+            await ticket.wait()
+            frame: dict[str, Any] = {"request_id": request_id, "status": ticket.status.value}
+            if ticket.error is None:
+                frame["result"] = ticket.text
+            else:
+                frame["error"] = str(ticket.error)
+            self.emit(frame)
+        finally:
+            self.tickets.pop(request_id, None)
+
+    def abandon(self) -> None:
+        for ticket in list(self.tickets.values()):
+            ticket.cancel_nowait()
+        for task in list(self.followers):
+            task.cancel()
+
+
+async def stream_endpoint(websocket: WebSocket) -> None:
+    """Serve one WebSocket connection until the client leaves or is too slow."""
+    await websocket.accept()
+    connection = _Connection(websocket)
+    sender = connection.sender_task = asyncio.create_task(connection.sender())
+    receiver = asyncio.create_task(_receive_loop(connection))
+    try:
+        await asyncio.wait([sender, receiver], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        connection.abandon()
+        receiver.cancel()
+        sender.cancel()
+        results = await asyncio.gather(sender, receiver, return_exceptions=True)
+        if connection.too_slow or isinstance(results[0], TimeoutError):
+            logger.warning("disconnecting a WebSocket client that does not read its frames")
+            with contextlib.suppress(RuntimeError, OSError):
+                await websocket.close(_SLOW_CLIENT, "client too slow")
+
+
+async def _receive_loop(connection: _Connection) -> None:
+    websocket = connection.websocket
+    while True:
+        try:
+            message = await websocket.receive()
+        except WebSocketDisconnect:
+            return
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message.get("text")
+        if text is None:
+            data = message.get("bytes") or b""
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                connection.emit({"error": "message is not valid UTF-8 JSON"})
+                continue
+        await connection.handle(text)
