@@ -1,0 +1,374 @@
+"""Request deduplication: identical keys in flight share one call, and optionally its result.
+
+The first caller of a key (the leader) starts the call in a task the ``Deduplicator`` owns;
+callers of the same key that arrive while it runs (joiners) wait on that task instead of
+starting their own. The work belongs to the deduplicator, not to whoever waits: a cancelled
+waiter only stops waiting, and the shared call is cancelled when its last waiter leaves,
+because then nobody wants its result.
+
+``run`` shares a call that returns one value; ``stream`` shares one iteration of an async
+iterator (an LLM's token stream): late joiners first get every item produced so far, then
+the live ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, final
+
+from orchestrator import metrics
+from orchestrator.errors import PipelineClosed
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable
+
+__all__ = ["Deduplicator"]
+
+T = TypeVar("T")
+V = TypeVar("V")
+
+logger = logging.getLogger(__name__)
+
+_JOINS: Final = metrics.DEDUP_JOINS.labels()
+_MISSING: Final = object()
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(None)
+    waiters.clear()
+
+
+def _forget(waiters: list[asyncio.Future[None]], fut: asyncio.Future[None]) -> None:
+    # A waiter woken and then cancelled is no longer in the list: _wake() cleared it.
+    with contextlib.suppress(ValueError):
+        waiters.remove(fut)
+
+
+@final
+class _Call:
+    """One shared ``run`` call: its task and the futures of the callers waiting on it."""
+
+    __slots__ = ("abandoned", "closed", "key", "owner", "task", "waiters")
+
+    def __init__(self, owner: Deduplicator, key: Hashable, task: asyncio.Future[object]) -> None:
+        self.owner = owner
+        self.key = key
+        self.task = task
+        self.waiters: list[asyncio.Future[None]] = []
+        self.abandoned = False  # the last waiter left and cancelled it
+        self.closed = False  # aclose() cancelled it
+
+    def done(self, task: asyncio.Future[object]) -> None:
+        owner = self.owner
+        owner._tasks.discard(task)
+        if owner._calls.get(self.key) is self:
+            del owner._calls[self.key]
+        # exception() marks an error as retrieved even when no waiter is left to read it.
+        ok = not task.cancelled() and task.exception() is None
+        if ok and owner._ttl and not (self.abandoned or self.closed):
+            owner._store(owner._results, self.key, task.result())
+        _wake(self.waiters)
+
+
+@final
+class _Stream:
+    """One shared ``stream`` iteration: the items so far, its pump task, its subscribers."""
+
+    __slots__ = ("abandoned", "closed", "items", "key", "owner", "subscribers", "task", "waiters")
+
+    def __init__(self, owner: Deduplicator, key: Hashable) -> None:
+        self.owner = owner
+        self.key = key
+        self.items: list[object] = []
+        self.waiters: list[asyncio.Future[None]] = []
+        self.subscribers = 0
+        self.abandoned = False
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def pump(self, factory: Callable[[], AsyncIterator[object]]) -> None:
+        iterator = factory()
+        items = self.items
+        waiters = self.waiters
+        try:
+            async for item in iterator:
+                items.append(item)
+                if waiters:
+                    _wake(waiters)
+        finally:
+            # An async generator cancelled mid-await is already finished; other iterators
+            # with an aclose() (httpx streams, ...) are closed here.
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def done(self, task: asyncio.Task[None]) -> None:
+        owner = self.owner
+        owner._tasks.discard(task)
+        if owner._streams.get(self.key) is self:
+            del owner._streams[self.key]
+        ok = not task.cancelled() and task.exception() is None
+        if ok and owner._ttl and not (self.abandoned or self.closed):
+            owner._store(owner._stream_results, self.key, tuple(self.items))
+        _wake(self.waiters)
+
+
+@final
+class Deduplicator:
+    """Share one call among identical requests in flight, and keep results for a while.
+
+    Every waiter of a key gets the same result, or the same exception object. A waiter that
+    is cancelled stops waiting and leaves the others be; when the last one leaves, the
+    shared call is cancelled. Successful results (errors never) are kept ``result_ttl``
+    seconds after the call ends, so a caller arriving shortly after gets the stored result
+    without a call. ``run`` and ``stream`` keep separate keys.
+
+    Args:
+        result_ttl: Seconds a successful result is kept after its call ends; ``0`` (the
+            default) keeps nothing. Expired results are pruned as new ones are stored, so
+            memory holds at most the results of the last ``result_ttl`` seconds.
+        clock: Monotonic time source in seconds, for tests.
+
+    Example:
+        >>> async def demo(worker: "ModelWorker") -> None:  # doctest: +SKIP
+        ...     dedup = Deduplicator(result_ttl=5.0)
+        ...     a, b = await asyncio.gather(
+        ...         dedup.run("Hi", lambda: worker.infer("Hi")),
+        ...         dedup.run("Hi", lambda: worker.infer("Hi")),  # joins the first call
+        ...     )
+        ...     assert a is b
+        ...     await dedup.aclose()
+    """
+
+    __slots__ = (
+        "_calls",
+        "_clock",
+        "_closed",
+        "_results",
+        "_stream_results",
+        "_streams",
+        "_tasks",
+        "_ttl",
+    )
+
+    def __init__(
+        self, *, result_ttl: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not result_ttl >= 0:
+            raise ValueError(f"result_ttl must be >= 0 seconds, got {result_ttl}")
+        self._ttl = result_ttl
+        self._clock = clock
+        self._closed = False
+        self._calls: dict[Hashable, _Call] = {}
+        self._streams: dict[Hashable, _Stream] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()  # every task this owns, until done
+        # Insertion order is expiry order (one TTL, a monotonic clock): prune from the front.
+        self._results: collections.OrderedDict[Hashable, tuple[float, object]] = (
+            collections.OrderedDict()
+        )
+        self._stream_results: collections.OrderedDict[
+            Hashable, tuple[float, tuple[object, ...]]
+        ] = collections.OrderedDict()
+
+    # -- inspection ------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Number of shared calls and streams running (each counted once, however shared)."""
+        return len(self._calls) + len(self._streams)
+
+    def waiters(self, key: Hashable) -> int:
+        """Number of callers waiting on ``key`` in ``run`` plus those iterating it in ``stream``."""
+        call = self._calls.get(key)
+        stream = self._streams.get(key)
+        return (len(call.waiters) if call else 0) + (stream.subscribers if stream else 0)
+
+    @property
+    def stored(self) -> int:
+        """Number of results kept for ``result_ttl`` (expired ones included until pruned)."""
+        return len(self._results) + len(self._stream_results)
+
+    # -- sharing ---------------------------------------------------------------------------
+
+    async def run(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> T:
+        """Return ``call()``'s result, sharing one call among identical keys in flight.
+
+        Args:
+            key: What makes two requests identical (e.g. ``cache_key(prompt)``).
+            call: Starts the work; called only by the leader, in a task of this
+                deduplicator, so the leader's own cancellation does not reach it.
+
+        Returns:
+            The shared call's result, or the stored result of a recent one. All callers of
+            a key must expect the same type.
+
+        Raises:
+            Exception: The shared call's exception: the same object for every waiter.
+            PipelineClosed: ``aclose()`` cancelled the call, or was called before.
+        """
+        flight = self._calls.get(key)
+        if flight is None:
+            if self._results:
+                stored = self._lookup(self._results, key)
+                if stored is not _MISSING:
+                    return cast("T", stored)  # the key names the call, so its result's type
+            if self._closed:
+                raise PipelineClosed("the deduplicator is closed")
+            shared: asyncio.Future[object] = asyncio.ensure_future(call())
+            flight = _Call(self, key, shared)
+            self._calls[key] = flight
+            self._tasks.add(shared)
+            shared.add_done_callback(flight.done)
+        else:
+            _JOINS.inc()
+        fut = asyncio.get_running_loop().create_future()
+        waiters = flight.waiters
+        waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            _forget(waiters, fut)
+            if not waiters and not flight.task.done():
+                self._abandon_call(flight)
+            raise
+        shared = flight.task
+        if flight.closed and shared.cancelled():
+            raise PipelineClosed("the deduplicator was closed while the call was in flight")
+        return cast("T", shared.result())  # the key names the call, so its result's type
+
+    def _abandon_call(self, flight: _Call) -> None:
+        flight.abandoned = True
+        if self._calls.get(flight.key) is flight:
+            del self._calls[flight.key]  # a caller arriving now starts afresh
+        flight.task.cancel()
+
+    async def stream(
+        self, key: Hashable, factory: Callable[[], AsyncIterator[T]]
+    ) -> AsyncGenerator[T, None]:
+        """Iterate ``factory()``'s items, sharing one iteration among identical keys.
+
+        A joiner first gets every item produced so far, then the live ones, then the end
+        or the same exception as every other subscriber. Closing the iterator early (or
+        cancelling its consumer) leaves; the last subscriber leaving cancels the shared
+        iteration. Leave promptly with ``contextlib.aclosing``: an iterator dropped
+        without closing leaves only when the garbage collector finalizes it.
+
+        Args:
+            key: What makes two requests identical.
+            factory: Returns the async iterator to share; called once, in a task of this
+                deduplicator, by the leader's first ``__anext__``.
+
+        Yields:
+            The shared iteration's items, from the first.
+
+        Raises:
+            Exception: The shared iteration's exception, after the items before it.
+            PipelineClosed: ``aclose()`` cancelled the iteration, or was called before.
+        """
+        flight = self._streams.get(key)
+        if flight is None:
+            if self._stream_results:
+                stored = self._lookup(self._stream_results, key)
+                if stored is not _MISSING:
+                    for item in cast("tuple[T, ...]", stored):
+                        yield item
+                    return
+            if self._closed:
+                raise PipelineClosed("the deduplicator is closed")
+            flight = _Stream(self, key)
+            pump = asyncio.get_running_loop().create_task(
+                flight.pump(cast("Callable[[], AsyncIterator[object]]", factory))
+            )
+            flight.task = task = pump
+            self._streams[key] = flight
+            self._tasks.add(task)
+            task.add_done_callback(flight.done)
+        else:
+            _JOINS.inc()
+            assert flight.task is not None
+            task = flight.task
+        items = flight.items
+        waiters = flight.waiters
+        flight.subscribers += 1
+        i = 0
+        try:
+            while True:
+                while i < len(items):
+                    yield cast("T", items[i])
+                    i += 1
+                if task.done():
+                    break
+                fut = asyncio.get_running_loop().create_future()
+                waiters.append(fut)
+                try:
+                    await fut
+                except BaseException:
+                    _forget(waiters, fut)
+                    raise
+        finally:
+            flight.subscribers -= 1
+            if not flight.subscribers and not task.done():
+                flight.abandoned = True
+                if self._streams.get(key) is flight:
+                    del self._streams[key]
+                task.cancel()
+        if flight.closed and task.cancelled():
+            raise PipelineClosed("the deduplicator was closed while the stream was in flight")
+        error = task.exception()
+        if error is not None:
+            raise error
+
+    # -- stored results --------------------------------------------------------------------
+
+    def _lookup(
+        self, results: collections.OrderedDict[Hashable, tuple[float, V]], key: Hashable
+    ) -> V | object:
+        entry = results.get(key)
+        if entry is None:
+            return _MISSING
+        if entry[0] > self._clock():
+            return entry[1]
+        del results[key]
+        return _MISSING
+
+    def _store(
+        self, results: collections.OrderedDict[Hashable, tuple[float, V]], key: Hashable, value: V
+    ) -> None:
+        now = self._clock()
+        while results:
+            oldest = next(iter(results))
+            if results[oldest][0] > now:
+                break
+            del results[oldest]
+        results.pop(key, None)  # re-inserted at the end, where its expiry belongs
+        results[key] = (now + self._ttl, value)
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Cancel every call and stream in flight, drop stored results, refuse new work.
+
+        Waiters of a cancelled call (and subscribers of a cancelled stream) get
+        ``PipelineClosed``, not ``CancelledError``: they were not cancelled themselves, and
+        a stray ``CancelledError`` would end their task silently. Later ``run``/``stream``
+        calls raise ``PipelineClosed`` too. Returns when every task has finished;
+        idempotent.
+        """
+        self._closed = True
+        for call in self._calls.values():
+            call.closed = True
+        for stream in self._streams.values():
+            stream.closed = True
+        self._results.clear()
+        self._stream_results.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
