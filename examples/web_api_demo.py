@@ -12,10 +12,10 @@ Then, from another shell:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from orchestrator_server import ServerConfig, start_server
+from orchestrator_server._loop import run
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     logging.getLogger("web_api_demo").info(
         "serving on http://%s:%d (worker: %s)", config.host, config.port, config.worker
     )
-    asyncio.run(start_server(config))
+    run(start_server(config))  # asyncio.run, on uvloop when installed
 
 
 if __name__ == "__main__":

@@ -201,7 +201,6 @@ class InferenceStage:
     async def run(self) -> None:
         inbox = self.inbox
         loop = asyncio.get_running_loop()
-        tasks = self._tasks
         limit = self.max_concurrency
         try:
             while True:
@@ -216,43 +215,58 @@ class InferenceStage:
                 if ticket._done:
                     continue
                 self.active += 1
-                task = _spawn(loop, self._call(ticket))
+                task = _spawn(loop, self._serve(ticket))
                 if not task.done():
-                    ticket._task = task
-                    tasks.add(task)
+                    self._tasks.add(task)
         finally:
-            await cancel_all(tasks)
+            await cancel_all(self._tasks)
 
-    async def _call(self, ticket: Ticket) -> None:
+    async def _serve(self, ticket: Ticket) -> None:
+        """Run ``ticket``'s worker call, then keep taking queued tickets (highest priority
+        first) until the queue is empty: under load a slot never waits for a loop turn,
+        and no task is created per request."""
+        me = asyncio.current_task()
+        assert me is not None
+        pop = self.inbox.pop_nowait
         try:
-            if ticket._done:  # finished (cancelled, expired) before this call started
-                return
-            start = time.perf_counter()
-            ticket.set_processing()
-            try:
-                if ticket._watched:
-                    await self._stream(ticket)
-                else:
-                    ticket.push_tokens(await self.worker.infer(ticket.prompt))
-            except asyncio.CancelledError:
-                if not ticket._done:
-                    raise  # the pipeline is stopping; it fails the ticket
-                return
-            except Exception as exc:
-                fail(ticket, "inference", self._as_inference_error(exc))
-                return
-            finally:
-                ticket._task = None
-            elapsed = time.perf_counter() - start
-            self._latency.observe(elapsed)
-            self._duration.observe(elapsed)
-            self._tokens.inc(ticket.token_count)
+            while True:
+                await self._call(ticket, me)
+                while (entry := pop()) is not None and entry[1]._done:
+                    pass
+                if entry is None:
+                    return
+                ticket = entry[1]
         finally:
-            self._tasks.discard(asyncio.current_task())
+            self._tasks.discard(me)
             self.active -= 1
             waiter = self._slot_free
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+
+    async def _call(self, ticket: Ticket, me: asyncio.Task[None]) -> None:
+        start = time.perf_counter()
+        ticket._task = me  # from here, cancelling the ticket cancels this call
+        ticket.set_processing()
+        try:
+            if ticket._watched:
+                await self._stream(ticket)
+            else:
+                ticket.push_tokens(await self.worker.infer(ticket.prompt))
+        except asyncio.CancelledError:
+            ticket.release_task()
+            if not ticket._done:
+                raise  # the pipeline is stopping; it fails the ticket
+            me.uncancel()  # the cancellation was this ticket's alone: serve the next one
+            return
+        except Exception as exc:
+            ticket.release_task()
+            fail(ticket, "inference", self._as_inference_error(exc))
+            return
+        ticket.release_task()
+        elapsed = time.perf_counter() - start
+        self._latency.observe(elapsed)
+        self._duration.observe(elapsed)
+        self._tokens.inc(ticket.token_count)
         if ticket._done:
             return
         outbox = self.outbox

@@ -72,6 +72,7 @@ class Ticket:
         "_task",
         "_token_waiters",
         "_tokens",
+        "_unwound",
         "_watched",
         "context",
         "created_at",
@@ -104,6 +105,7 @@ class Ticket:
         self._token_waiters: list[asyncio.Future[None]] | None = None
         self._on_done = on_done
         self._watched = False
+        self._unwound: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -211,10 +213,13 @@ class Ticket:
             ``True`` if this call cancelled it, ``False`` if it had already finished.
         """
         task = self._task
+        unwound: asyncio.Future[None] | None = None
+        if task is not None and task is not asyncio.current_task():
+            unwound = self._unwound = asyncio.get_running_loop().create_future()
         if not self.cancel_nowait():
             return False
-        if task is not None and task is not asyncio.current_task():
-            await asyncio.wait({task}, timeout=_CANCEL_GRACE)
+        if unwound is not None:
+            await asyncio.wait({unwound}, timeout=_CANCEL_GRACE)
         return True
 
     def cancel_nowait(self) -> bool:
@@ -276,6 +281,13 @@ class Ticket:
         if self._on_done is not None:
             self._on_done(self)
         return True
+
+    def release_task(self) -> None:
+        """The worker call for this ticket is over (the task may go on serving others)."""
+        self._task = None
+        unwound = self._unwound
+        if unwound is not None and not unwound.done():
+            unwound.set_result(None)
 
     @property
     def watched(self) -> bool:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import signal
 import sys
 from typing import TYPE_CHECKING
 
+from orchestrator_server._loop import run
 from orchestrator_server.app import start_server
 from orchestrator_server.config import ServerConfig
 from orchestrator_server.workers import WORKERS
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # after a clean drain, that means exit status 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(start_server(config))
+        run(start_server(config))
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
 import re
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -15,7 +17,6 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
 from orchestrator import PipelineConfig, PipelineHandles, spawn_pipeline
-from orchestrator.types import new_request_id
 from orchestrator_server import routes
 from orchestrator_server.config import ServerConfig
 from orchestrator_server.websocket import stream_endpoint
@@ -43,27 +44,65 @@ ROUTES = [
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
-class RequestContextMiddleware:
-    """Gives every HTTP response an ``X-Request-ID`` (the client's, if sane), logs one
-    structured access line per request, and answers any escaped error as a JSON 500."""
+class _RequestIds:
+    """Unique HTTP request ids without a syscall each: a random per-process prefix and a
+    counter (they trace requests; they guard nothing, unlike pipeline request ids)."""
 
-    def __init__(self, app: ASGIApp, *, access_log: bool = True) -> None:
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._count = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._count):x}"
+
+
+class EdgeMiddleware:
+    """The one middleware in front of the routes.
+
+    Gives every HTTP response an ``X-Request-ID`` (the client's, if sane), logs one
+    structured access line per request, answers any escaped error as a JSON 500, and hands
+    requests that carry an ``Origin`` header (browsers) to Starlette's ``CORSMiddleware``;
+    others skip it (it cost more than our whole route), with ``Vary: Origin`` kept.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, access_log: bool = True, cors_origins: tuple[str, ...] = ("*",)
+    ) -> None:
         self.app = app
         self.access_log = access_log
+        self.cors = CORSMiddleware(
+            app,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=[
+                "X-Request-ID",
+                "Retry-After",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+            ],
+        )
+        self._ids = _RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = ""
+        inner = self.app
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
                 if _SANE_ID.fullmatch(candidate):
                     request_id = candidate
-                break
-        request_id = request_id or new_request_id()
-        header = (b"x-request-id", request_id.encode())
+            elif name == b"origin":
+                inner = self.cors
+        request_id = request_id or self._ids.next()
+        extra_headers = (
+            (b"x-request-id", request_id.encode()),
+            (b"vary", b"Origin"),
+        )
         started = time.perf_counter()
         status = 500
         response_started = False
@@ -73,11 +112,14 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message["headers"] = [*message.get("headers", ()), header]
+                if inner is self.cors:  # CORS adds its own Vary
+                    message["headers"] = [*message.get("headers", ()), extra_headers[0]]
+                else:
+                    message["headers"] = [*message.get("headers", ()), *extra_headers]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await inner(scope, receive, send_with_id)
         except Exception:
             logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not response_started:
@@ -141,19 +183,8 @@ def create_app(
             yield {"handles": served, "config": settings}
 
     middleware = [
-        Middleware(RequestContextMiddleware, access_log=settings.access_log),
         Middleware(
-            CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["*"],
-            expose_headers=[
-                "X-Request-ID",
-                "Retry-After",
-                "X-RateLimit-Limit",
-                "X-RateLimit-Remaining",
-                "X-RateLimit-Reset",
-            ],
+            EdgeMiddleware, access_log=settings.access_log, cors_origins=settings.cors_origins
         ),
     ]
     return Starlette(

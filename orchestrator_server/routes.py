@@ -125,13 +125,13 @@ def error_response(
 
 def handles_of(conn: HTTPConnection) -> PipelineHandles:
     """The pipeline the lifespan put in the connection's state."""
-    handles: PipelineHandles = conn.state.handles
+    handles: PipelineHandles = conn.scope["state"]["handles"]
     return handles
 
 
 def config_of(conn: HTTPConnection) -> ServerConfig:
     """The server config the lifespan put in the connection's state."""
-    config: ServerConfig = conn.state.config
+    config: ServerConfig = conn.scope["state"]["config"]
     return config
 
 

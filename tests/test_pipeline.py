@@ -444,3 +444,18 @@ async def test_every_status_is_terminal_after_mixed_chaos() -> None:
             await t.wait()
     assert all(t.status in TERMINAL for t in tickets)
     assert handles.in_flight == 0
+
+
+async def test_cancelling_one_call_leaves_its_slot_serving_the_next() -> None:
+    worker = GateWorker()
+    async with spawn_pipeline(worker, PipelineConfig(max_concurrency=1)) as handles:
+        first = await handles.submit(PromptRequest("s", "first"))
+        await worker.wait_started(1)
+        second = await handles.submit(PromptRequest("s", "second"))
+        with anyio.fail_after(5):  # waits for the first call to unwind, not for the slot
+            assert await first.cancel() is True
+        await worker.wait_started(2)
+        assert second.status is RequestStatus.PROCESSING
+        worker.gate.set()
+        assert await second.result() == prompt_for("second")
+    assert worker.cancelled == 1

@@ -1,0 +1,194 @@
+"""``POST /api/v1/infer`` throughput and latency: the example server versus a bare app.
+
+The server runs without its access log (the bare app has none), then again with it. Both
+run as one uvicorn process each (the same loop and HTTP parser), one after the other,
+several interleaved rounds, loaded by ``wrk`` (Debian's ``wrk`` package) with the same
+POST body. The bare app is Starlette parsing the JSON and answering the same shape: the
+floor for one request through uvicorn and Starlette.
+
+    python bench/http_load.py [--duration 5] [--connections 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+BODY = {"prompt": "What is the capital of France?", "session_id": "bench", "metadata": {}}
+
+SERVER = """
+import asyncio, logging, os, sys
+from orchestrator import EchoWorker, spawn_pipeline
+from orchestrator_server import ServerConfig, start_server
+from orchestrator_server._loop import run
+from orchestrator_server.app import pipeline_config
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # as the example server does
+
+async def main() -> None:
+    access_log = os.environ.get("BENCH_ACCESS_LOG") == "1"
+    config = ServerConfig(host="127.0.0.1", port=int(sys.argv[1]), access_log=access_log)
+    async with spawn_pipeline(EchoWorker.with_delay(0), pipeline_config(config)) as handles:
+        await start_server(config, handles)
+
+run(main())  # uvloop, as the CLI and the example server
+"""
+
+BARE = """
+import json, sys, uuid
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+async def infer(request: Request) -> JSONResponse:
+    body = json.loads(await request.body())
+    return JSONResponse({"request_id": str(uuid.uuid4()), "status": "pending",
+                         "result": None, "error": None if body["prompt"] else "empty"})
+
+app = Starlette(routes=[Route("/api/v1/infer", infer, methods=["POST"])])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=False, log_level="warning")
+"""
+
+LUA = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # another process: polling is the only signal
+        if process.poll() is not None:
+            raise RuntimeError("server exited during startup")
+        try:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/v1/infer",
+                data=json.dumps(BODY).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    def latency_ms(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    return {
+        "rps": float(rps.group(1)) if rps else float("nan"),
+        "p50_ms": latency_ms("50"),
+        "p99_ms": latency_ms("99"),
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+def run(
+    source: str, lua: Path, args: argparse.Namespace, env: dict[str, str] | None = None
+) -> dict[str, float]:
+    port = free_port()
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+        script.write(source)
+    process = subprocess.Popen(
+        [sys.executable, script.name, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        wait_ready(port, process)
+        command = [
+            "wrk",
+            f"-t{args.threads}",
+            f"-c{args.connections}",
+            f"-d{args.duration}s",
+            "--latency",
+            "-s",
+            str(lua),
+            f"http://127.0.0.1:{port}/api/v1/infer",
+        ]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        return parse_wrk(output)
+    finally:
+        process.terminate()
+        process.wait(30)
+        os.unlink(script.name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/http_load.py needs wrk: apt-get install -y wrk")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write(LUA % json.dumps(BODY))
+    results: dict[str, list[dict[str, float]]] = {"bare": [], "server": [], "logged": []}
+    logged = {"BENCH_ACCESS_LOG": "1"}
+    try:
+        for _ in range(args.rounds):
+            results["bare"].append(run(BARE, Path(lua.name), args))
+            results["server"].append(run(SERVER, Path(lua.name), args))
+            results["logged"].append(run(SERVER, Path(lua.name), args, logged))
+    finally:
+        os.unlink(lua.name)
+    summary = {
+        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for name, runs in results.items()
+    }
+    ratio = summary["server"]["rps"] / summary["bare"]["rps"]
+    if args.json:
+        print(json.dumps({**summary, "ratio": ratio}))
+        return
+    labels = (
+        ("bare", "bare Starlette app"),
+        ("server", "orchestrator server"),
+        ("logged", "  + access log"),
+    )
+    for name, label in labels:
+        s = summary[name]
+        runs = ", ".join(f"{r['rps']:,.0f}" for r in results[name])
+        print(
+            f"{label:<20}: {s['rps']:>8,.0f} req/s  p50 {s['p50_ms']:.2f} ms  "
+            f"p99 {s['p99_ms']:.2f} ms  non-2xx {s['non_2xx']:.0f}  (runs: {runs})"
+        )
+    logged_ratio = summary["logged"]["rps"] / summary["bare"]["rps"]
+    print(f"{'ratio':<20}: {ratio:.0%} of the bare app ({logged_ratio:.0%} with the access log)")
+
+
+if __name__ == "__main__":
+    main()
