@@ -18,7 +18,7 @@ import collections
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, final
+from typing import TYPE_CHECKING, Final, TypeVar, cast, final
 
 from orchestrator import metrics
 from orchestrator.errors import PipelineClosed
@@ -51,72 +51,45 @@ def _forget(waiters: list[asyncio.Future[None]], fut: asyncio.Future[None]) -> N
 
 
 @final
-class _Call:
-    """One shared ``run`` call: its task and the futures of the callers waiting on it."""
+class _Flight:
+    """One shared call (``run``) or iteration (``stream``): its task, waiters and outcome."""
 
-    __slots__ = ("abandoned", "closed", "key", "owner", "task", "waiters")
+    __slots__ = (
+        "abandoned",
+        "closed",
+        "error",
+        "finished",
+        "items",
+        "key",
+        "registry",
+        "running",
+        "subscribers",
+        "task",
+        "value",
+        "waiters",
+    )
 
-    def __init__(self, owner: Deduplicator, key: Hashable, task: asyncio.Future[object]) -> None:
-        self.owner = owner
+    def __init__(self, key: Hashable, registry: dict[Hashable, _Flight]) -> None:
         self.key = key
-        self.task = task
+        self.registry = registry  # the dict of flights it is listed in while in flight
+        self.task: asyncio.Task[None] | None = None
         self.waiters: list[asyncio.Future[None]] = []
+        self.running = False  # its task started (a task cancelled before it starts never runs)
+        self.finished = False
         self.abandoned = False  # the last waiter left and cancelled it
         self.closed = False  # aclose() cancelled it
+        self.error: BaseException | None = None
+        self.value: object = None  # run: the call's result
+        self.items: list[object] = []  # stream: the items so far
+        self.subscribers = 0  # stream: iterators not yet finished or closed
 
-    def done(self, task: asyncio.Future[object]) -> None:
-        owner = self.owner
-        owner._tasks.discard(task)
-        if owner._calls.get(self.key) is self:
-            del owner._calls[self.key]
-        # exception() marks an error as retrieved even when no waiter is left to read it.
-        ok = not task.cancelled() and task.exception() is None
-        if ok and owner._ttl and not (self.abandoned or self.closed):
-            owner._store(owner._results, self.key, task.result())
-        _wake(self.waiters)
-
-
-@final
-class _Stream:
-    """One shared ``stream`` iteration: the items so far, its pump task, its subscribers."""
-
-    __slots__ = ("abandoned", "closed", "items", "key", "owner", "subscribers", "task", "waiters")
-
-    def __init__(self, owner: Deduplicator, key: Hashable) -> None:
-        self.owner = owner
-        self.key = key
-        self.items: list[object] = []
-        self.waiters: list[asyncio.Future[None]] = []
-        self.subscribers = 0
-        self.abandoned = False
-        self.closed = False
-        self.task: asyncio.Task[None] | None = None
-
-    async def pump(self, factory: Callable[[], AsyncIterator[object]]) -> None:
-        iterator = factory()
-        items = self.items
-        waiters = self.waiters
-        try:
-            async for item in iterator:
-                items.append(item)
-                if waiters:
-                    _wake(waiters)
-        finally:
-            # An async generator cancelled mid-await is already finished; other iterators
-            # with an aclose() (httpx streams, ...) are closed here.
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    def done(self, task: asyncio.Task[None]) -> None:
-        owner = self.owner
-        owner._tasks.discard(task)
-        if owner._streams.get(self.key) is self:
-            del owner._streams[self.key]
-        ok = not task.cancelled() and task.exception() is None
-        if ok and owner._ttl and not (self.abandoned or self.closed):
-            owner._store(owner._stream_results, self.key, tuple(self.items))
-        _wake(self.waiters)
+    def raise_error(self) -> None:
+        error = self.error
+        if error is None:
+            return
+        if self.closed and isinstance(error, asyncio.CancelledError):
+            raise PipelineClosed("the deduplicator was closed while the call was in flight")
+        raise error
 
 
 @final
@@ -165,9 +138,9 @@ class Deduplicator:
         self._ttl = result_ttl
         self._clock = clock
         self._closed = False
-        self._calls: dict[Hashable, _Call] = {}
-        self._streams: dict[Hashable, _Stream] = {}
-        self._tasks: set[asyncio.Future[Any]] = set()  # every task this owns, until done
+        self._calls: dict[Hashable, _Flight] = {}
+        self._streams: dict[Hashable, _Flight] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # every task this owns, until done
         # Insertion order is expiry order (one TTL, a monotonic clock): prune from the front.
         self._results: collections.OrderedDict[Hashable, tuple[float, object]] = (
             collections.OrderedDict()
@@ -212,6 +185,7 @@ class Deduplicator:
             Exception: The shared call's exception: the same object for every waiter.
             PipelineClosed: ``aclose()`` cancelled the call, or was called before.
         """
+        loop = asyncio.get_running_loop()
         flight = self._calls.get(key)
         if flight is None:
             if self._results:
@@ -220,33 +194,57 @@ class Deduplicator:
                     return cast("T", stored)  # the key names the call, so its result's type
             if self._closed:
                 raise PipelineClosed("the deduplicator is closed")
-            shared: asyncio.Future[object] = asyncio.ensure_future(call())
-            flight = _Call(self, key, shared)
-            self._calls[key] = flight
-            self._tasks.add(shared)
-            shared.add_done_callback(flight.done)
+            flight = self._calls[key] = _Flight(key, self._calls)
+            flight.task = task = loop.create_task(self._drive(flight, call))
+            self._tasks.add(task)
         else:
             _JOINS.inc()
-        fut = asyncio.get_running_loop().create_future()
+        fut = loop.create_future()
         waiters = flight.waiters
         waiters.append(fut)
         try:
             await fut
         except BaseException:
             _forget(waiters, fut)
-            if not waiters and not flight.task.done():
-                self._abandon_call(flight)
+            if not waiters and not flight.finished:
+                self._abandon(flight)
             raise
-        shared = flight.task
-        if flight.closed and shared.cancelled():
-            raise PipelineClosed("the deduplicator was closed while the call was in flight")
-        return cast("T", shared.result())  # the key names the call, so its result's type
+        if flight.error is not None:
+            flight.raise_error()
+        return cast("T", flight.value)  # the key names the call, so its result's type
 
-    def _abandon_call(self, flight: _Call) -> None:
+    async def _drive(self, flight: _Flight, call: Callable[[], Awaitable[object]]) -> None:
+        # Waiters are woken from here, not from a done callback: one loop cycle sooner.
+        # Errors are kept, not raised: each waiter raises it, none is left "never retrieved".
+        flight.running = True
+        try:
+            flight.value = await call()
+        except Exception as exc:
+            flight.error = exc
+        except BaseException as exc:  # cancellation: the task ends cancelled
+            flight.error = exc
+            raise
+        finally:
+            self._finish(flight)
+        if self._ttl and flight.error is None and not (flight.abandoned or flight.closed):
+            self._store(self._results, flight.key, flight.value)
+
+    def _finish(self, flight: _Flight) -> None:
+        flight.finished = True
+        if flight.task is not None:
+            self._tasks.discard(flight.task)
+        if flight.registry.get(flight.key) is flight:
+            del flight.registry[flight.key]
+        _wake(flight.waiters)
+
+    def _abandon(self, flight: _Flight) -> None:
         flight.abandoned = True
-        if self._calls.get(flight.key) is flight:
-            del self._calls[flight.key]  # a caller arriving now starts afresh
+        if flight.registry.get(flight.key) is flight:
+            del flight.registry[flight.key]  # a caller arriving now starts afresh
+        assert flight.task is not None
         flight.task.cancel()
+        if not flight.running:  # cancelled before its first step: its finally never runs
+            self._finish(flight)
 
     async def stream(
         self, key: Hashable, factory: Callable[[], AsyncIterator[T]]
@@ -281,18 +279,13 @@ class Deduplicator:
                     return
             if self._closed:
                 raise PipelineClosed("the deduplicator is closed")
-            flight = _Stream(self, key)
-            pump = asyncio.get_running_loop().create_task(
-                flight.pump(cast("Callable[[], AsyncIterator[object]]", factory))
+            flight = self._streams[key] = _Flight(key, self._streams)
+            flight.task = asyncio.get_running_loop().create_task(
+                self._pump(flight, cast("Callable[[], AsyncIterator[object]]", factory))
             )
-            flight.task = task = pump
-            self._streams[key] = flight
-            self._tasks.add(task)
-            task.add_done_callback(flight.done)
+            self._tasks.add(flight.task)
         else:
             _JOINS.inc()
-            assert flight.task is not None
-            task = flight.task
         items = flight.items
         waiters = flight.waiters
         flight.subscribers += 1
@@ -302,7 +295,7 @@ class Deduplicator:
                 while i < len(items):
                     yield cast("T", items[i])
                     i += 1
-                if task.done():
+                if flight.finished:
                     break
                 fut = asyncio.get_running_loop().create_future()
                 waiters.append(fut)
@@ -313,16 +306,36 @@ class Deduplicator:
                     raise
         finally:
             flight.subscribers -= 1
-            if not flight.subscribers and not task.done():
-                flight.abandoned = True
-                if self._streams.get(key) is flight:
-                    del self._streams[key]
-                task.cancel()
-        if flight.closed and task.cancelled():
-            raise PipelineClosed("the deduplicator was closed while the stream was in flight")
-        error = task.exception()
-        if error is not None:
-            raise error
+            if not flight.subscribers and not flight.finished:
+                self._abandon(flight)
+        flight.raise_error()
+
+    async def _pump(self, flight: _Flight, factory: Callable[[], AsyncIterator[object]]) -> None:
+        flight.running = True
+        items = flight.items
+        waiters = flight.waiters
+        try:
+            iterator = factory()
+            try:
+                async for item in iterator:
+                    items.append(item)
+                    if waiters:
+                        _wake(waiters)
+            finally:
+                # An async generator cancelled mid-await has already finished; other
+                # iterators with an aclose() (an HTTP response stream, ...) close here.
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        except Exception as exc:
+            flight.error = exc
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            self._finish(flight)
+        if self._ttl and flight.error is None and not (flight.abandoned or flight.closed):
+            self._store(self._stream_results, flight.key, tuple(items))
 
     # -- stored results --------------------------------------------------------------------
 
@@ -361,14 +374,17 @@ class Deduplicator:
         idempotent.
         """
         self._closed = True
-        for call in self._calls.values():
-            call.closed = True
-        for stream in self._streams.values():
-            stream.closed = True
+        flights: list[_Flight] = [*self._calls.values(), *self._streams.values()]
+        for flight in flights:
+            flight.closed = True
         self._results.clear()
         self._stream_results.clear()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        for flight in flights:
+            if not flight.running:  # cancelled before its first step: finish it here
+                flight.error = asyncio.CancelledError()
+                self._finish(flight)
         if tasks:
             await asyncio.wait(tasks)

@@ -186,7 +186,7 @@ async def test_caller_after_an_abandoned_call_starts_a_new_one() -> None:
     assert first.cancelled == 1
 
 
-async def test_call_raising_before_it_awaits_registers_nothing() -> None:
+async def test_call_raising_before_it_awaits_fails_the_caller_and_leaves_nothing() -> None:
     dedup = Deduplicator()
 
     def broken() -> asyncio.Future[str]:
