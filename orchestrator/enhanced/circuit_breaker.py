@@ -276,13 +276,17 @@ class CircuitBreaker:
             CircuitOpen: Refused without calling ``fn``.
             BaseException: Whatever ``fn()`` raised, unchanged, after recording it.
         """
-        token = self.before_call()
+        # The closed path inlines before_call/record_success: this runs on every request.
+        token = self._epoch if self._state is _CLOSED else self.before_call()
         try:
             result = await fn()
         except BaseException as exc:
             self.record_failure(exc, token)
             raise
-        self.record_success(token)
+        if self._state is _CLOSED and token == self._epoch:
+            self._failures = 0
+        else:
+            self.record_success(token)
         return result
 
     def guard(self) -> AbstractAsyncContextManager[None]:
