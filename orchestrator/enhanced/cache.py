@@ -1,0 +1,574 @@
+"""Response cache: in process (cachetools) or shared by every replica (Redis).
+
+``CacheLayer`` maps a key (see ``cache_key``) to the text a worker produced, each entry
+with its own time to live. The memory backend is a bounded ``cachetools.TLRUCache``:
+least recently used entries leave first when it is full, expired ones on the way. The
+Redis backend lets Redis expire entries (``SET ... PX``) and shares them across replicas.
+
+A cache is an optimisation, so a Redis outage never fails a caller: ``get`` answers a miss,
+``set`` and ``delete`` are skipped, each counted in ``orchestrator_cache_errors_total``.
+One warning is logged when the outage starts and one info line when Redis answers again;
+while it is down, at most one call per ``probe_interval`` tries Redis (the others degrade
+at once, so a black-holed server costs one timeout per interval, not one per request).
+redis-py drops a failed connection and reconnects on next use, so the cache recovers by
+itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+import warnings
+from typing import TYPE_CHECKING, Final, Protocol, final
+
+import attrs
+import cachetools
+
+from orchestrator import metrics
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
+    from typing import Self
+
+    from redis.asyncio import Redis
+
+    from orchestrator.metrics import CounterCell
+
+__all__ = ["CacheBackend", "CacheLayer", "CacheStats", "cache_key"]
+
+logger = logging.getLogger(__name__)
+
+_KEY_PREFIX: Final = "prompt:"
+_PARTS_MARK: Final = b"\xff"  # never occurs in UTF-8, so it ends the prompt unambiguously
+
+
+def cache_key(prompt: str, *parts: str) -> str:
+    """Return the cache key of a prompt: ``"prompt:"`` and a SHA-256 hex digest.
+
+    With the prompt alone this is the seed's key,
+    ``"prompt:" + hashlib.sha256(prompt.encode()).hexdigest()``. ``parts`` (the worker's
+    identity, a model name, metadata that changes the answer) are hashed after it, each
+    with its length, so different parts never give the same key: ``("a", "bc")`` and
+    ``("ab", "c")`` differ, and no prompt alone collides with a prompt plus parts.
+
+    Args:
+        prompt: The text sent to the worker.
+        *parts: More strings the answer depends on.
+
+    Returns:
+        ``"prompt:"`` followed by 64 hex digits.
+
+    Example:
+        >>> cache_key("What is Rust?")[:15]
+        'prompt:ab0952c6'
+        >>> cache_key("Hi", "gpt-4o") != cache_key("Hi", "gpt-4o-mini")
+        True
+    """
+    digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass"))
+    if parts:
+        digest.update(_PARTS_MARK)
+        for part in parts:
+            raw = part.encode("utf-8", "surrogatepass")
+            digest.update(len(raw).to_bytes(8, "big"))
+            digest.update(raw)
+    return _KEY_PREFIX + digest.hexdigest()
+
+
+class CacheBackend(Protocol):
+    """Where a ``CacheLayer`` keeps its entries. A method that raises means "unavailable".
+
+    ``name`` labels the cache metrics; ``set`` gets ``None`` for "no expiry"; ``entries()``
+    counts live entries, or is ``None`` when that is not cheap to know.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    async def get(self, key: str) -> str | None: ...
+
+    async def set(self, key: str, value: str, ttl_seconds: float | None) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    def entries(self) -> int | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@attrs.frozen(kw_only=True)
+class CacheStats:
+    """A snapshot of one cache's counters since it was made, from ``CacheLayer.stats()``.
+
+    Example:
+        >>> CacheStats(backend="memory", hits=3, misses=1, errors=0, entries=2).hit_ratio
+        0.75
+    """
+
+    backend: str
+    hits: int
+    misses: int
+    errors: int
+    entries: int | None
+
+    @property
+    def hit_ratio(self) -> float:
+        """``hits / (hits + misses)``, 0.0 before any lookup."""
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+
+def _check_ttl(ttl: float | None) -> None:
+    if ttl is not None and not (0 < ttl < math.inf):
+        raise ValueError(f"a ttl must be > 0 and finite seconds, or None; got {ttl!r}")
+
+
+def _redact(url: str) -> str:
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, user = head.partition("://")
+    return f"{scheme}{sep}{user.partition(':')[0]}:***@{host}"
+
+
+@final
+@attrs.define(eq=False)
+class CacheLayer:
+    """A response cache with per-entry TTLs over a ``CacheBackend``.
+
+    Build one with ``new_memory`` or ``new_redis``. Keys are usually ``cache_key(...)``;
+    values are text. Use it as an async context manager, or call ``aclose()``: it closes a
+    Redis client the cache created (one passed in is borrowed and left open).
+
+    Args:
+        backend: Where entries live.
+        default_ttl: Seconds an entry lives when ``set`` gets no ``ttl_seconds``
+            (``None``: no expiry).
+        probe_interval: While the backend is failing, seconds between calls that try it.
+        clock: Monotonic seconds, for ``probe_interval``.
+
+    Example:
+        >>> async def demo() -> None:
+        ...     async with CacheLayer.new_memory(1000, default_ttl=3600) as cache:
+        ...         key = cache_key("What is Rust?")
+        ...         if await cache.get(key) is None:
+        ...             await cache.set(key, "A systems programming language.")
+        ...         assert await cache.get(key) == "A systems programming language."
+    """
+
+    _backend: CacheBackend
+    default_ttl: float | None = attrs.field(default=None, kw_only=True)
+    probe_interval: float = attrs.field(default=1.0, kw_only=True, validator=attrs.validators.ge(0))
+    _clock: Callable[[], float] = attrs.field(default=time.monotonic, kw_only=True)
+    _hit_cell: CounterCell = attrs.field(init=False)
+    _miss_cell: CounterCell = attrs.field(init=False)
+    _error_cell: CounterCell = attrs.field(init=False)
+    _outage: _Outage = attrs.field(init=False)
+    _hits: int = attrs.field(default=0, init=False)
+    _misses: int = attrs.field(default=0, init=False)
+    _errors: int = attrs.field(default=0, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        _check_ttl(self.default_ttl)
+        name = self._backend.name
+        self._outage = _Outage(f"cache backend {name}", self.probe_interval, self._clock)
+        self._hit_cell = metrics.CACHE_HITS.labels(name)
+        self._miss_cell = metrics.CACHE_MISSES.labels(name)
+        self._error_cell = metrics.CACHE_ERRORS.labels(name)
+
+    # -- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def new_memory(
+        cls,
+        max_entries: int,
+        *,
+        default_ttl: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> CacheLayer:
+        """An in-process cache of at most ``max_entries`` entries (LRU eviction).
+
+        Args:
+            max_entries: The bound; the least recently used entry leaves to make room.
+            default_ttl: Seconds an entry lives when ``set`` gets no ``ttl_seconds``.
+            clock: Monotonic seconds; tests pass a fake one.
+
+        Raises:
+            ValueError: ``max_entries`` < 1 or a bad ``default_ttl``.
+        """
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        return cls(_MemoryBackend(max_entries, clock), default_ttl=default_ttl, clock=clock)
+
+    @classmethod
+    async def new_redis(
+        cls,
+        url: str | None = None,
+        *,
+        prefix: str = "orchestrator:",
+        client: Redis | None = None,
+        default_ttl: float | None = None,
+        connect_timeout: float = 1.0,
+        command_timeout: float = 1.0,
+        max_connections: int = 64,
+        probe_interval: float = 1.0,
+        ping: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> CacheLayer:
+        """A cache in Redis, shared by every process that uses the same server and prefix.
+
+        Args:
+            url: ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``).
+            prefix: Prepended to every key, to share a server with other data.
+            client: A ``redis.asyncio.Redis`` to borrow instead of ``url``: the cache never
+                closes it. Give it ``decode_responses=False`` (the default) and short
+                timeouts.
+            default_ttl: Seconds an entry lives when ``set`` gets no ``ttl_seconds``.
+            connect_timeout: Seconds to open a connection.
+            command_timeout: Seconds for one command, and to wait for a free pooled
+                connection.
+            max_connections: Size of the connection pool the cache creates.
+            probe_interval: While Redis is failing, seconds between calls that try it.
+            ping: Check that the server answers before returning.
+            clock: Monotonic seconds, for ``probe_interval``.
+
+        Raises:
+            ValueError: Neither or both of ``url`` and ``client``, or a bad URL or value.
+            ConnectionError: ``ping`` is true and the server did not answer.
+        """
+        client, owned = await _connect_redis(
+            url,
+            client,
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+            max_connections=max_connections,
+            ping=ping,
+        )
+        backend = _RedisBackend(client, prefix, owned=owned)
+        return cls(backend, default_ttl=default_ttl, probe_interval=probe_interval, clock=clock)
+
+    # -- operations --------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """``"memory"`` or ``"redis"`` (the label of this cache's metrics)."""
+        return self._backend.name
+
+    async def get(self, key: str) -> str | None:
+        """Return the value stored under ``key``, or ``None`` (a miss, or the backend is down).
+
+        Raises:
+            RuntimeError: The cache is closed.
+        """
+        if self._skip():
+            return None
+        try:
+            value = await self._backend.get(key)
+        except Exception as exc:
+            self._failed(exc)
+            return None
+        if self._outage.down:
+            self._outage.succeeded()
+        if value is None:
+            self._misses += 1
+            self._miss_cell.inc()
+        else:
+            self._hits += 1
+            self._hit_cell.inc()
+        return value
+
+    async def set(self, key: str, value: str, ttl_seconds: float | None = None) -> None:
+        """Store ``value`` under ``key``; skipped (and counted) while the backend is down.
+
+        Args:
+            key: The key, usually from ``cache_key``.
+            value: The text to store; it comes back exactly (any Unicode, or ``""``).
+            ttl_seconds: Seconds the entry lives; ``None`` uses ``default_ttl`` (itself
+                ``None`` by default: no expiry).
+
+        Raises:
+            ValueError: ``ttl_seconds`` is not > 0 and finite.
+            RuntimeError: The cache is closed.
+        """
+        _check_ttl(ttl_seconds)
+        if self._skip():
+            return
+        try:
+            await self._backend.set(
+                key, value, self.default_ttl if ttl_seconds is None else ttl_seconds
+            )
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if self._outage.down:
+            self._outage.succeeded()
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` if present; skipped (and counted) while the backend is down.
+
+        Raises:
+            RuntimeError: The cache is closed.
+        """
+        if self._skip():
+            return
+        try:
+            await self._backend.delete(key)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if self._outage.down:
+            self._outage.succeeded()
+
+    def stats(self) -> CacheStats:
+        """This cache's hits, misses and errors so far, and its live entries when known."""
+        return CacheStats(
+            backend=self._backend.name,
+            hits=self._hits,
+            misses=self._misses,
+            errors=self._errors,
+            entries=self._backend.entries(),
+        )
+
+    @property
+    def available(self) -> bool:
+        """False from a backend failure until the next call that succeeds."""
+        return not self._outage.down
+
+    async def aclose(self) -> None:
+        """Close what the cache owns (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            await self._backend.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- outage bookkeeping ------------------------------------------------------------------
+
+    def _skip(self) -> bool:
+        if self._closed:
+            raise RuntimeError("the cache is closed")
+        if not self._outage.skip():
+            return False
+        self._errors += 1
+        self._error_cell.inc()
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        self._errors += 1
+        self._error_cell.inc()
+        self._outage.failed(exc, "serving misses")
+
+
+@final
+class _Outage:
+    """Outage bookkeeping of one Redis-backed object (shared with ``rate_limit``).
+
+    Logs one warning when failures start and one info line when a call succeeds again,
+    and while down lets one call per ``probe_interval`` try the server (``skip()`` is
+    true for the others, which take the degraded answer at once).
+    """
+
+    __slots__ = (
+        "_clock",
+        "_degraded",
+        "_log",
+        "_next_probe",
+        "_what",
+        "down_since",
+        "probe_interval",
+    )
+
+    def __init__(
+        self,
+        what: str,
+        probe_interval: float,
+        clock: Callable[[], float],
+        log: logging.Logger = logger,
+    ) -> None:
+        self._what = what
+        self._log = log
+        self.probe_interval = probe_interval
+        self._clock = clock
+        self.down_since: float | None = None
+        self._next_probe = 0.0
+        self._degraded = 0
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def skip(self) -> bool:
+        if self.down_since is None or self._clock() >= self._next_probe:
+            return False
+        self._degraded += 1
+        return True
+
+    def failed(self, exc: Exception, consequence: str) -> None:
+        now = self._clock()
+        self._next_probe = now + self.probe_interval
+        self._degraded += 1
+        if self.down_since is None:
+            self.down_since = now
+            self._log.warning(
+                "%s is unavailable, %s until it answers: %s: %s",
+                self._what,
+                consequence,
+                type(exc).__name__,
+                exc,
+            )
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            self._log.info(
+                "%s answers again after %.1fs (%d calls degraded)",
+                self._what,
+                self._clock() - self.down_since,
+                self._degraded,
+            )
+            self.down_since = None
+            self._degraded = 0
+
+
+async def _connect_redis(
+    url: str | None,
+    client: Redis | None,
+    *,
+    connect_timeout: float,
+    command_timeout: float,
+    max_connections: int,
+    ping: bool,
+) -> tuple[Redis, bool]:
+    """The client to use and whether we own it (shared with ``rate_limit``).
+
+    Raises:
+        ValueError: Neither or both of ``url`` and ``client``, or a bad URL.
+        ConnectionError: ``ping`` is true and the server did not answer.
+    """
+    from redis.asyncio import BlockingConnectionPool
+    from redis.asyncio import Redis as _Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import RedisError
+
+    if (url is None) == (client is None):
+        raise ValueError("pass exactly one of url or client")
+    owned = client is None
+    if client is None:
+        assert url is not None
+        # One immediate retry: after a server restart the first command on a pooled
+        # connection meets the dead socket, and the retry reconnects. More retries (or
+        # redis-py's default backoff) would only stretch an outage into every call.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=command_timeout,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=command_timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
+        client = _Redis.from_pool(pool)
+    if ping:
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            if owned:
+                await client.aclose()
+            where = _redact(url) if url is not None else "the given client"
+            raise ConnectionError(f"Redis at {where} did not answer PING: {exc}") from exc
+    return client, owned
+
+
+@final
+class _MemoryBackend:
+    """A ``cachetools.TLRUCache``: bounded, LRU eviction, an expiry time per entry."""
+
+    __slots__ = ("_entries", "_ttl")
+
+    name: Final = "memory"
+
+    def __init__(self, max_entries: int, clock: Callable[[], float]) -> None:
+        # TLRUCache asks ``_expires`` for an entry's expiry inside ``__setitem__``, with no
+        # await in between: ``set`` hands it the ttl of the store in progress this way
+        # rather than wrapping every value in a (value, ttl) tuple.
+        self._ttl: float | None = None
+        self._entries: cachetools.TLRUCache[str, str, float] = cachetools.TLRUCache(
+            maxsize=max_entries, ttu=self._expires, timer=clock
+        )
+
+    def _expires(self, _key: str, _value: str, now: float) -> float:
+        return math.inf if self._ttl is None else now + self._ttl
+
+    async def get(self, key: str) -> str | None:
+        return self._entries.get(key)
+
+    async def set(self, key: str, value: str, ttl_seconds: float | None) -> None:
+        self._ttl = ttl_seconds
+        self._entries[key] = value
+
+    async def delete(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def entries(self) -> int:
+        self._entries.expire()
+        return len(self._entries)
+
+    async def aclose(self) -> None:
+        self._entries.clear()
+
+
+@final
+class _RedisBackend:
+    """Entries as Redis strings under ``prefix + key``, expired by Redis (``PX``)."""
+
+    __slots__ = ("_client", "_closed", "_owned", "_prefix")
+
+    name: Final = "redis"
+
+    def __init__(self, client: Redis, prefix: str, *, owned: bool) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._owned = owned
+        self._closed = False
+
+    async def get(self, key: str) -> str | None:
+        raw: bytes | str | None = await self._client.get(self._prefix + key)
+        if raw is None or isinstance(raw, str):  # a borrowed client may decode for us
+            return raw
+        return raw.decode("utf-8", "surrogatepass")
+
+    async def set(self, key: str, value: str, ttl_seconds: float | None) -> None:
+        px = None if ttl_seconds is None else max(1, round(ttl_seconds * 1000))
+        await self._client.set(self._prefix + key, value.encode("utf-8", "surrogatepass"), px=px)
+
+    async def delete(self, key: str) -> None:
+        await self._client.delete(self._prefix + key)
+
+    def entries(self) -> None:
+        return None  # counting our keys means a SCAN of the whole keyspace
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._owned:
+                await self._client.aclose()
+
+    def __del__(self) -> None:
+        if self._owned and not getattr(self, "_closed", True):
+            warnings.warn(
+                "CacheLayer on Redis was not closed: use `async with` or `await cache.aclose()`",
+                ResourceWarning,
+                source=self,
+                stacklevel=1,
+            )
