@@ -1,0 +1,524 @@
+"""What every HTTP model worker shares: the pooled client, SSE decoding, error translation.
+
+A worker subclasses ``HttpWorker`` and describes its wire format with four methods
+(``_request``, ``_headers``, ``_parse_response``, ``_parse_event``); ``infer`` and ``stream``
+here send the request, check the status, decode Server-Sent Events and turn every foreign
+failure into ``InferenceError`` where it enters.
+"""
+
+from __future__ import annotations
+
+import abc
+import codecs
+import email.utils
+import json
+import logging
+import math
+import re
+import time
+import warnings
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import httpx
+
+from orchestrator import metrics
+from orchestrator.errors import InferenceError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Mapping, Sequence
+    from types import TracebackType
+    from typing import Self
+
+__all__ = [
+    "HttpWorker",
+    "MalformedResponse",
+    "SseDecoder",
+    "SseEvent",
+    "StreamState",
+    "TokenUsage",
+    "describe_error",
+    "parse_retry_after",
+]
+
+logger = logging.getLogger("orchestrator.workers")
+
+JsonObject = dict[str, object]
+
+_LINE_END: Final = re.compile(r"\r\n|\r|\n")
+_MAX_LINE: Final = 8 * 1024 * 1024  # an SSE line this long is not a model's output
+_MAX_DETAIL: Final = 1000  # characters of a provider's error message kept in ours
+
+
+@attrs.frozen
+class TokenUsage:
+    """Token counts of one call, as the provider reported them (``None``: not reported).
+
+    Example:
+        >>> TokenUsage(prompt_tokens=12, completion_tokens=30)
+        TokenUsage(prompt_tokens=12, completion_tokens=30)
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class MalformedResponse(ValueError):
+    """Raised by the parsers when a 2xx response is not what the wire format promises."""
+
+
+@attrs.frozen
+class SseEvent:
+    """One Server-Sent Event: its type (``"message"`` unless named) and its data lines."""
+
+    event: str
+    data: str
+
+
+class SseDecoder:
+    """An incremental Server-Sent Events decoder (the WHATWG rules) fed raw bytes.
+
+    Lines may end in CR, LF or CRLF, split anywhere across chunks, as may UTF-8
+    characters; comments (``:``) are skipped; an event ends at a blank line, and an
+    unterminated one at the end of the stream is dropped, as the spec says.
+
+    Args:
+        extra_fields: Field names that start an event of that name carrying the value as
+            data (llama.cpp's server writes ``error: {...}`` lines).
+
+    Example:
+        >>> decoder = SseDecoder()
+        >>> decoder.feed(b"event: ping\\ndata: {}\\n\\nda")
+        [SseEvent(event='ping', data='{}')]
+        >>> decoder.feed(b"ta: x\\r\\n\\r\\n")
+        [SseEvent(event='message', data='x')]
+    """
+
+    def __init__(self, extra_fields: frozenset[str] = frozenset()) -> None:
+        self._extra = extra_fields
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buffer = ""
+        self._started = False
+        self._after_cr = False
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        """Decode ``chunk`` and return the events it completed."""
+        text = self._text.decode(chunk)
+        if not text:
+            return []
+        if not self._started:
+            self._started = True
+            text = text.removeprefix("\ufeff")
+        if self._after_cr and text.startswith("\n"):  # the LF of a CRLF split across chunks
+            text = text[1:]
+        self._after_cr = text.endswith("\r")
+        lines = _LINE_END.split(self._buffer + text)
+        self._buffer = lines.pop()
+        if len(self._buffer) > _MAX_LINE:
+            raise MalformedResponse(f"an event-stream line is longer than {_MAX_LINE} characters")
+        events: list[SseEvent] = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append(SseEvent(self._event or "message", "\n".join(self._data)))
+                self._event = ""
+                self._data = []
+                continue
+            name, _, value = line.partition(":")  # a comment has an empty name
+            value = value.removeprefix(" ")
+            if name == "data":
+                self._data.append(value)
+            elif name == "event":
+                self._event = value
+            elif name in self._extra:
+                self._event = name
+                self._data.append(value)
+            # "id" and "retry" matter to reconnecting browsers, not to one completion.
+        return events
+
+
+@attrs.define
+class StreamState:
+    """What a stream parser learns while reading one response."""
+
+    done: bool = False
+    usage: TokenUsage | None = None
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds a response asks us to wait, from ``retry-after-ms`` (OpenAI) or
+    ``Retry-After`` (seconds or an HTTP date, compared with ``now``, a Unix time).
+
+    Returns:
+        The delay in seconds (never negative), or ``None`` if absent or unreadable.
+    """
+    value: float | None = None
+    if (millis := headers.get("retry-after-ms")) is not None:
+        value = _number(millis)
+        value = None if value is None else value / 1000
+    if value is None and (raw := headers.get("retry-after")) is not None:
+        value = _number(raw)
+        if value is None:
+            try:
+                when = email.utils.parsedate_to_datetime(raw).timestamp()
+            except (TypeError, ValueError, IndexError):
+                return None
+            value = when - (time.time() if now is None else now)
+    return None if value is None else max(0.0, value)
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def loads_object(text: str) -> JsonObject:
+    """Parse a JSON object (``MalformedResponse`` if it is not one)."""
+    try:
+        value: object = json.loads(text)
+    except ValueError as exc:
+        raise MalformedResponse(f"invalid JSON ({exc}): {text[:200]!r}") from exc
+    if not isinstance(value, dict):
+        raise MalformedResponse(f"expected a JSON object, got {text[:200]!r}")
+    return value
+
+
+def describe_error(body: str | JsonObject) -> str:
+    """A provider's error body as ``"(type) message"``, whichever shape it has.
+
+    Understands OpenAI's and llama.cpp's ``{"error": {"type", "message"}}``, Anthropic's
+    ``{"type": "error", "error": {...}}``, vLLM's ``{"object": "error", "message", "type"}``,
+    Ollama's ``{"error": "..."}`` and FastAPI's ``{"detail": ...}``; other text is quoted.
+    """
+    try:
+        data = loads_object(body) if isinstance(body, str) else body
+    except MalformedResponse:
+        return " ".join(str(body).split())[:_MAX_DETAIL] or "(empty body)"
+    error = data.get("error")
+    source = error if isinstance(error, dict) else data
+    message = error if isinstance(error, str) else source.get("message", source.get("detail"))
+    kind = source.get("type") or source.get("code") or data.get("error_type")
+    detail = message if isinstance(message, str) else json.dumps(message or data)
+    return f"({kind}) {detail[:_MAX_DETAIL]}" if kind else detail[:_MAX_DETAIL]
+
+
+def get_object(data: JsonObject, key: str) -> JsonObject:
+    """``data[key]`` if it is a JSON object, else ``MalformedResponse``."""
+    if isinstance(value := data.get(key), dict):
+        return value
+    raise MalformedResponse(f"expected an object at {key!r}, got {value!r:.100}")
+
+
+def get_list(data: JsonObject, key: str) -> list[object]:
+    """``data[key]`` if it is a JSON array, else ``MalformedResponse``."""
+    if isinstance(value := data.get(key), list):
+        return value
+    raise MalformedResponse(f"expected an array at {key!r}, got {value!r:.100}")
+
+
+def get_text(data: JsonObject, key: str) -> str:
+    """``data[key]`` if it is a string, ``""`` if absent or null, else ``MalformedResponse``."""
+    if isinstance(value := data.get(key), str):
+        return value
+    if value is None:
+        return ""
+    raise MalformedResponse(f"expected a string at {key!r}, got {value!r:.100}")
+
+
+def get_count(data: JsonObject, *keys: str) -> int | None:
+    """The sum of the integer fields ``keys`` present in ``data``; ``None`` if none is."""
+    counts = [v for k in keys if isinstance(v := data.get(k), int) and not isinstance(v, bool)]
+    return sum(counts) if counts else None
+
+
+def check_options(*, max_tokens: int | None, temperature: float | None) -> None:
+    """``ValueError`` for an option out of range (providers narrow these further)."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if temperature is not None and not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+
+
+def stop_tuple(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Stop sequences as a tuple: one string is one sequence."""
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def retryable_status(status: int) -> bool:
+    """Whether a request answered with ``status`` may succeed if sent again."""
+    return status in (408, 429) or status >= 500
+
+
+def error_status(code: object) -> int | None:
+    """An error body's ``code`` if it is an HTTP error status (vLLM, llama.cpp send one)."""
+    return code if isinstance(code, int) and 400 <= code < 600 else None
+
+
+def _shown_url(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"invalid URL {url!r}: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"the URL must start with http:// or https://, got {url!r}")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"the URL must not have a query or fragment, got {url!r}")
+    # What we show (errors, logs, repr) leaves out userinfo, where a password may hide.
+    return str(parsed.copy_with(userinfo=b"")).rstrip("/")
+
+
+class HttpWorker(abc.ABC):
+    """A model worker behind an HTTP API: one pooled ``httpx.AsyncClient``, ``infer``,
+    ``stream``, errors translated to ``InferenceError``.
+
+    The client is created here and closed by ``aclose()`` (or ``async with worker:``),
+    unless one is passed in: that one is borrowed and left open. The API key lives only
+    in the request headers; it is kept out of ``repr``, errors and logs.
+
+    Attributes:
+        name: The worker's name in metrics and errors.
+        cache_identity: What, beside the prompt, changes the answers (JSON text).
+        last_usage: The token usage of the last call that reported one.
+    """
+
+    _sse_extra_fields: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        api_key: str | None,
+        timeout: float,
+        connect_timeout: float,
+        client: httpx.AsyncClient | None,
+        settings: Mapping[str, object],
+    ) -> None:
+        if not timeout > 0 or not connect_timeout > 0:
+            raise ValueError(f"timeouts must be > 0 seconds, got {timeout}, {connect_timeout}")
+        self.name = name
+        self._base_url = base_url.rstrip("/")
+        self._shown = _shown_url(self._base_url)
+        self._settings = {"base_url": self._shown, **settings}
+        self.cache_identity = json.dumps(
+            {"worker": type(self).__name__, **self._settings}, sort_keys=True
+        )
+        self._api_key = api_key or None
+        self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self.last_usage: TokenUsage | None = None
+        self._prompt_tokens = metrics.WORKER_TOKENS.labels(name, "prompt")
+        self._closed = False
+        self._owns_client = client is None  # set after every check: __del__ reads it
+        if client is None:
+            limits = httpx.Limits(max_connections=100, max_keepalive_connections=64)
+            client = httpx.AsyncClient(timeout=self._timeout, limits=limits)
+        self._client = client
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._settings.items() if v not in (None, ()))
+        return f"{type(self).__name__}({shown})"
+
+    # -- what a wire format provides ------------------------------------------------------
+
+    @abc.abstractmethod
+    def _request(self, prompt: str, *, stream: bool) -> tuple[str, JsonObject]:
+        """The path (appended to the base URL) and JSON body of a request for ``prompt``."""
+
+    @abc.abstractmethod
+    def _headers(self) -> dict[str, str]:
+        """The headers every request carries (authentication, API version)."""
+
+    @abc.abstractmethod
+    def _parse_response(self, data: JsonObject) -> tuple[str, TokenUsage | None]:
+        """The text and usage of a non-streaming response (``MalformedResponse`` if odd)."""
+
+    @abc.abstractmethod
+    def _parse_event(self, event: SseEvent, state: StreamState) -> str | None:
+        """The text an event carries, if any; sets ``state.done`` at the end of the answer,
+        ``state.usage`` when usage is reported, raises ``InferenceError`` for an error event."""
+
+    # -- the ModelWorker protocol ---------------------------------------------------------
+
+    async def infer(self, prompt: str) -> list[str]:
+        """Send ``prompt`` without streaming and return the completion as one token.
+
+        Returns:
+            ``[text]``, or ``[]`` when the model answered nothing.
+
+        Raises:
+            InferenceError: The provider answered an error status or a malformed body, or
+                the request timed out or lost its connection (``retryable`` says whether
+                trying again may help; ``retry_after`` is the provider's hint).
+            RuntimeError: The worker was closed.
+        """
+        path, body = self._request(prompt, stream=False)
+        client = self._open_client()
+        shown = self._shown + path
+        logger.debug("%s: POST %s", self.name, shown)
+        try:
+            response = await client.post(
+                self._base_url + path, json=body, headers=self._headers(), timeout=self._timeout
+            )
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, shown) from exc
+        if not response.is_success:
+            raise self._status_error(response, shown)
+        try:
+            text, usage = self._parse_response(loads_object(response.text))
+        except MalformedResponse as exc:
+            raise self._error(f"malformed response from {shown}: {exc}", status=200) from exc
+        self._record(usage)
+        return [text] if text else []
+
+    async def stream(self, prompt: str) -> AsyncIterator[str]:
+        """Send ``prompt`` with streaming on and yield text as the provider sends it.
+
+        Closing the generator (``aclose()``) or cancelling its task closes the response,
+        so the provider stops generating.
+
+        Raises:
+            InferenceError: As ``infer``, plus an error event in the stream, or a stream
+                that ended before the answer did (retryable).
+            RuntimeError: The worker was closed.
+        """
+        path, body = self._request(prompt, stream=True)
+        client = self._open_client()
+        shown = self._shown + path
+        state = StreamState()
+        decoder = SseDecoder(self._sse_extra_fields)
+        logger.debug("%s: POST %s (streaming)", self.name, shown)
+        try:
+            async with client.stream(
+                "POST",
+                self._base_url + path,
+                json=body,
+                headers=self._headers(),
+                timeout=self._timeout,
+            ) as response:
+                if not response.is_success:
+                    await response.aread()
+                    raise self._status_error(response, shown)
+                async for chunk in response.aiter_bytes():
+                    for event in decoder.feed(chunk):
+                        if state.done:  # read to the end anyway, so the connection is reused
+                            continue
+                        text = self._parse_event(event, state)
+                        if text:
+                            yield text
+                content_type = response.headers.get("content-type", "unknown")
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, shown) from exc
+        except MalformedResponse as exc:
+            raise self._error(f"malformed event stream from {shown}: {exc}", status=200) from exc
+        if not state.done:
+            raise self._error(
+                f"the stream from {shown} ended before the answer did "
+                f"(content-type {content_type})",
+                status=200,
+                retryable=True,
+            )
+        self._record(state.usage)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the worker's HTTP client (a borrowed one stays open). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if getattr(self, "_owns_client", False) and not self._closed:
+            warnings.warn(
+                f"unclosed {self!r}: call `await worker.aclose()` or use `async with worker:`",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+
+    # -- errors ---------------------------------------------------------------------------
+
+    def _open_client(self) -> httpx.AsyncClient:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        return self._client
+
+    def _record(self, usage: TokenUsage | None) -> None:
+        if usage is None:
+            return
+        self.last_usage = usage
+        if usage.prompt_tokens:  # the pipeline counts completion tokens as it receives them
+            self._prompt_tokens.inc(usage.prompt_tokens)
+
+    def _error(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> InferenceError:
+        """An ``InferenceError`` of this worker, the API key scrubbed from its message."""
+        message = f"{self.name}: {message}"
+        if self._api_key:  # a provider may echo the key back in its error message
+            message = message.replace(self._api_key, "[redacted]")
+        logger.debug("%s", message)
+        return InferenceError(
+            message,
+            worker=self.name,
+            status_code=status,
+            retryable=retryable,
+            retry_after=retry_after,
+        )
+
+    def _status_error(self, response: httpx.Response, url: str) -> InferenceError:
+        status = response.status_code
+        retryable = retryable_status(status)
+        hint = response.headers.get("x-should-retry")  # OpenAI's and Anthropic's override
+        if hint in ("true", "false"):
+            retryable = hint == "true"
+        message = f"HTTP {status} {response.reason_phrase} from {url}: "
+        message += describe_error(response.text)
+        if request_id := response.headers.get("request-id", response.headers.get("x-request-id")):
+            message += f" [request id {request_id}]"
+        retry_after = parse_retry_after(response.headers)
+        return self._error(message, status=status, retryable=retryable, retry_after=retry_after)
+
+    def _stream_error(
+        self, body: JsonObject, *, status: int | None, retryable: bool
+    ) -> InferenceError:
+        """An error the provider reported inside a 200 event stream."""
+        message = f"error in the event stream: {describe_error(body)}"
+        return self._error(message, status=status, retryable=retryable)
+
+    def _transport_error(self, exc: httpx.HTTPError, url: str) -> InferenceError:
+        kind = type(exc).__name__
+        if isinstance(exc, httpx.TimeoutException):
+            limits = f"connect {self._timeout.connect}s, read {self._timeout.read}s"
+            return self._error(f"timed out ({kind}; {limits}) on {url}", retryable=True)
+        retryable = isinstance(exc, _RETRYABLE_TRANSPORT)
+        return self._error(f"request to {url} failed: {kind}: {exc}", retryable=retryable)
+
+
+# A connection that broke or never came up may work next time; a bad protocol will not.
+_RETRYABLE_TRANSPORT: Final = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError)
