@@ -9,6 +9,8 @@ that returns an awaitable runs in a task of its own, bounded per stage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import inspect
 import logging
 import sys
@@ -22,9 +24,13 @@ from orchestrator.types import PostOutput, RequestStatus
 from orchestrator.workers.base import worker_name
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine
+    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 
+    from orchestrator.enhanced.cache import CacheLayer
+    from orchestrator.enhanced.circuit_breaker import CircuitBreaker
+    from orchestrator.enhanced.dedup import Deduplicator
     from orchestrator.enhanced.priority import PriorityQueue
+    from orchestrator.enhanced.retry import RetryPolicy
     from orchestrator.ticket import Ticket
     from orchestrator.workers.base import ModelWorker
 
@@ -185,12 +191,20 @@ class InferenceStage:
         outbox: Channel[Ticket],
         worker: ModelWorker,
         max_concurrency: int,
+        *,
+        dedup: Deduplicator | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.inbox = inbox
         self.outbox = outbox
         self.worker = worker
         self.worker_name = worker_name(worker)
         self.max_concurrency = max_concurrency
+        self.dedup = dedup
+        self.retry = retry
+        self.breaker = breaker
+        self._guarded = dedup is not None or retry is not None or breaker is not None
         self.active = 0
         self._slot_free: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -248,7 +262,9 @@ class InferenceStage:
         ticket._task = me  # from here, cancelling the ticket cancels this call
         ticket.set_processing()
         try:
-            if ticket._watched:
+            if self._guarded:
+                await self._produce_guarded(ticket)
+            elif ticket._watched:
                 await self._stream(ticket)
             else:
                 ticket.push_tokens(await self.worker.infer(ticket.prompt))
@@ -282,9 +298,72 @@ class InferenceStage:
             async for token in stream:
                 push(token)
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _aclose(stream)
+
+    # -- with policies: dedup (outermost), retry, circuit breaker (per attempt) -----------
+
+    async def _produce_guarded(self, ticket: Ticket) -> None:
+        prompt, dedup = ticket.prompt, self.dedup
+        if not ticket._watched:
+            call = functools.partial(self._infer_guarded, prompt)
+            tokens = await (dedup.run(prompt, call) if dedup is not None else call())
+            ticket.push_tokens(list(tokens))  # a copy: a shared result is shared
+            return
+        factory = functools.partial(self._stream_guarded, prompt)
+        stream = dedup.stream(prompt, factory) if dedup is not None else factory()
+        async with contextlib.aclosing(stream):
+            async for token in stream:
+                ticket.push_token(token)
+
+    async def _infer_guarded(self, prompt: str) -> list[str]:
+        attempt = functools.partial(self.worker.infer, prompt)
+        breaker = self.breaker
+        if breaker is not None:
+            attempt = functools.partial(breaker.call, attempt)
+        if self.retry is not None:
+            return await self.retry.call(attempt, worker=self.worker_name)
+        return await attempt()
+
+    async def _stream_guarded(self, prompt: str) -> AsyncGenerator[str, None]:
+        """The worker's stream as one breaker call; retried only until its first token
+        (after that, tokens have reached callers and a retry would repeat them)."""
+        breaker = self.breaker
+        opened: tuple[AsyncIterator[str], str | None, int | None]
+        if self.retry is not None:
+            opened = await self.retry.call(
+                functools.partial(self._open_stream, prompt), worker=self.worker_name
+            )
+        else:
+            opened = await self._open_stream(prompt)
+        stream, first, token = opened
+        try:
+            if first is not None:
+                yield first
+                async for item in stream:
+                    yield item
+        except BaseException as exc:
+            if breaker is not None:
+                breaker.record_failure(exc, token)
+            raise
+        finally:
+            await _aclose(stream)
+        if breaker is not None:
+            breaker.record_success(token)
+
+    async def _open_stream(self, prompt: str) -> tuple[AsyncIterator[str], str | None, int | None]:
+        breaker = self.breaker
+        token = breaker.before_call() if breaker is not None else None
+        stream = self.worker.stream(prompt)
+        try:
+            first: str | None = await anext(stream)
+        except StopAsyncIteration:
+            first = None
+        except BaseException as exc:
+            if breaker is not None:
+                breaker.record_failure(exc, token)
+            await _aclose(stream)
+            raise
+        return stream, first, token
 
     def _as_inference_error(self, exc: Exception) -> InferenceError:
         if isinstance(exc, InferenceError):
@@ -328,18 +407,27 @@ def store_text(ticket: Ticket, text: Any) -> None:
     ticket.output = text
 
 
-def stream_work(sinks: tuple[Callable[[PostOutput], Any], ...]) -> Callable[[Ticket], Any]:
-    """Stream: call each sink with the output (the ticket completes in ``store_completed``)."""
+def stream_work(
+    sinks: tuple[Callable[[PostOutput], Any], ...],
+    cache: CacheLayer | None = None,
+    cache_ttl: float | None = None,
+) -> Callable[[Ticket], Any]:
+    """Stream: call each sink with the output, store it in the cache when the request
+    missed it, then (``store_completed``) complete the ticket: once a request completed,
+    the same request finds its answer in the cache."""
 
     def work(ticket: Ticket) -> Any:
-        if not sinks:
-            return ""
-        output = PostOutput(ticket.request, ticket.output)
-        for i, sink in enumerate(sinks):
-            result = sink(output)
-            if inspect.isawaitable(result):
-                return _sinks_rest(sinks[i + 1 :], output, result)
-        return ""
+        pending: Awaitable[Any] | None = None
+        if sinks:
+            output = PostOutput(ticket.request, ticket.output)
+            for i, sink in enumerate(sinks):
+                result = sink(output)
+                if inspect.isawaitable(result):
+                    pending = _sinks_rest(sinks[i + 1 :], output, result)
+                    break
+        if cache is not None and ticket.cache_key is not None:
+            return _then_store(pending, cache, ticket.cache_key, ticket.output, cache_ttl)
+        return "" if pending is None else pending
 
     return work
 
@@ -355,9 +443,25 @@ async def _sinks_rest(
     return ""
 
 
+async def _then_store(
+    pending: Awaitable[Any] | None, cache: CacheLayer, key: str, text: str, ttl: float | None
+) -> str:
+    if pending is not None:
+        await pending
+    await cache.set(key, text, ttl)  # an outage degrades to a skipped store, never an error
+    return ""
+
+
 def store_completed(ticket: Ticket, _value: Any) -> None:
     """Complete the ticket with the Post stage's output."""
     ticket.finish(_COMPLETED, result=ticket.output)
+
+
+async def _aclose(stream: AsyncIterator[str]) -> None:
+    """Close a worker's stream (an HTTP worker closes its response)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def cancel_all(tasks: set[asyncio.Task[None]]) -> None:

@@ -18,6 +18,12 @@ from orchestrator.hooks import (
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from orchestrator.enhanced.cache import CacheLayer
+    from orchestrator.enhanced.circuit_breaker import CircuitBreaker
+    from orchestrator.enhanced.dedup import Deduplicator
+    from orchestrator.enhanced.rate_limit import RateLimiter
+    from orchestrator.enhanced.retry import RetryPolicy
+
 __all__ = ["PipelineConfig"]
 
 _pos_int = attrs.validators.and_(attrs.validators.instance_of(int), attrs.validators.ge(1))
@@ -52,6 +58,14 @@ class PipelineConfig:
     RAG channel makes ``submit`` raise ``Overloaded``. ``max_concurrency`` bounds the worker
     calls in flight; ``stage_concurrency`` the async hook calls in flight per stage.
 
+    Policies (all off by default): ``rate_limiter`` makes ``submit`` raise ``RateLimited``
+    for a session over its budget; ``cache`` answers a repeated request at once and stores
+    completed results for ``cache_ttl`` seconds (the key covers the input, the worker's
+    identity, the template and the metadata except ``cache_ignore_meta``); ``dedup=True``
+    (or a ``Deduplicator``) makes identical prompts in flight share one worker call;
+    ``retry`` retries a failed worker call (a stream only before its first token);
+    ``circuit_breaker`` fails calls fast while the worker keeps failing.
+
     Example:
         >>> PipelineConfig(max_concurrency=8, request_timeout=30).inference_capacity
         1024
@@ -73,6 +87,20 @@ class PipelineConfig:
     template: Template = attrs.field(default=DEFAULT_TEMPLATE, validator=_check_template)
     post_processors: tuple[PostProcessor, ...] = attrs.field(default=(), converter=_processors)
     sinks: tuple[OutputSink, ...] = attrs.field(default=(), converter=_sinks)
+    cache: CacheLayer | None = None
+    cache_ttl: float | None = attrs.field(default=3600.0)
+    cache_ignore_meta: frozenset[str] = attrs.field(
+        default=frozenset({"priority"}), converter=frozenset
+    )
+    rate_limiter: RateLimiter | None = None
+    dedup: bool | Deduplicator = False
+    retry: RetryPolicy | None = None
+    circuit_breaker: CircuitBreaker | None = None
+
+    @cache_ttl.validator
+    def _check_cache_ttl(self, _attr: Any, value: float | None) -> None:
+        if value is not None and not value > 0:
+            raise ValueError(f"cache_ttl must be > 0 seconds or None, got {value}")
 
     @priority_aging.validator
     def _check_aging(self, _attr: Any, value: float | None) -> None:

@@ -21,10 +21,12 @@ from orchestrator._stages import (
     stream_work,
 )
 from orchestrator.config import PipelineConfig
+from orchestrator.enhanced.cache import cache_key
+from orchestrator.enhanced.dedup import Deduplicator
 from orchestrator.enhanced.priority import Priority, PriorityQueue
-from orchestrator.errors import Overloaded, PipelineClosed
+from orchestrator.errors import Overloaded, PipelineClosed, RateLimited
 from orchestrator.ticket import Ticket
-from orchestrator.types import PromptRequest, SessionId
+from orchestrator.types import PromptRequest, RequestStatus, SessionId
 from orchestrator.workers.base import ModelWorker
 
 if TYPE_CHECKING:
@@ -47,6 +49,16 @@ def _queue_depths() -> Iterator[tuple[tuple[str, ...], float]]:
 
 
 metrics.QUEUE_DEPTH.add_source(_queue_depths)
+
+
+def _cache_scope(worker: ModelWorker, config: PipelineConfig) -> str:
+    """What besides the input changes answers: the worker's identity and the template."""
+    identity = getattr(worker, "cache_identity", None)
+    if not isinstance(identity, str):
+        identity = f"{type(worker).__module__}.{type(worker).__qualname__}"
+    template = config.template
+    shape = template if isinstance(template, str) else getattr(template, "__qualname__", "")
+    return f"{identity}|{shape}"
 
 
 def _retriever_work(retriever: Retriever) -> Callable[[Ticket], Any]:
@@ -128,7 +140,22 @@ class PipelineHandles:
         self._stream_q: Channel[Ticket] = Channel(c.stream_capacity)
         self._deadlines = Deadlines(self._loop)
         n = c.stage_concurrency
-        self._inference = InferenceStage(self._inference_q, self._post_q, worker, c.max_concurrency)
+        self._own_dedup: Deduplicator | None = Deduplicator() if c.dedup is True else None
+        dedup = self._own_dedup if c.dedup is True else c.dedup
+        self._inference = InferenceStage(
+            self._inference_q,
+            self._post_q,
+            worker,
+            c.max_concurrency,
+            dedup=dedup or None,
+            retry=c.retry,
+            breaker=c.circuit_breaker,
+        )
+        self._cache = c.cache
+        self._limiter = c.rate_limiter
+        self._policies = c.cache is not None or c.rate_limiter is not None
+        self._cache_scope = _cache_scope(worker, c)
+
         self._stages = (
             Stage(
                 "rag",
@@ -150,7 +177,14 @@ class PipelineHandles:
             Stage(
                 "post", self._post_q, self._stream_q, post_work(c.post_processors), store_text, n
             ),
-            Stage("stream", self._stream_q, None, stream_work(c.sinks), store_completed, n),
+            Stage(
+                "stream",
+                self._stream_q,
+                None,
+                stream_work(c.sinks, c.cache, c.cache_ttl),
+                store_completed,
+                n,
+            ),
         )
         self._shed = metrics.SHED.labels("rag")
         self._stop = asyncio.Event()
@@ -176,9 +210,52 @@ class PipelineHandles:
             ValueError: ``meta["priority"]`` is not a known level, or the request id is
                 already in use.
         """
-        ticket = self._admit_nowait(request)
+        if self._policies:
+            ticket = await self._admit_with_policies(request)
+        else:
+            ticket = self._admit_nowait(request)
         if stream:
             ticket._watched = True
+        return ticket
+
+    async def _admit_with_policies(self, request: PromptRequest) -> Ticket:
+        ticket = self._new_ticket(request)
+        self._check_room()  # refuse before spending the session's budget
+        limiter = self._limiter
+        if limiter is not None:
+            decision = await limiter.decide(request.session)
+            if not decision.allowed:
+                raise RateLimited(
+                    str(request.session),
+                    limit=decision.limit,
+                    remaining=decision.remaining,
+                    reset_in=decision.retry_after,
+                )
+        cache = self._cache
+        if cache is not None:
+            key = self._cache_key(request)
+            cached = await cache.get(key)
+            if cached is not None:
+                return self._complete_from_cache(ticket, cached)
+            ticket.cache_key = key
+        if self._closed:  # shutdown began while we awaited the limiter or the cache
+            raise PipelineClosed("the pipeline is shutting down and admits no new requests")
+        self._check_room()
+        self._accept(ticket)
+        self._rag_q.put_nowait(ticket)
+        return ticket
+
+    def _cache_key(self, request: PromptRequest) -> str:
+        ignored = self.config.cache_ignore_meta
+        meta = sorted((k, v) for k, v in request.meta.items() if k not in ignored)
+        return cache_key(request.input, self._cache_scope, *(f"{k}={v}" for k, v in meta))
+
+    def _complete_from_cache(self, ticket: Ticket, text: str) -> Ticket:
+        self._in_flight += 1
+        self._records[ticket.request_id] = ticket
+        ticket.output = text
+        ticket.push_tokens([text])
+        ticket.finish(RequestStatus.COMPLETED, result=text)
         return ticket
 
     async def infer(
@@ -217,8 +294,7 @@ class PipelineHandles:
         self._deadlines.add(ticket, timeout, self._in_flight)
         self._records[request.request_id] = ticket
 
-    def _admit_nowait(self, request: PromptRequest) -> Ticket:
-        ticket = self._new_ticket(request)
+    def _check_room(self) -> None:
         queue = self._rag_q
         if queue.full():
             self._shed.inc()
@@ -226,8 +302,12 @@ class PipelineHandles:
                 f"pipeline is at capacity ({queue.maxsize} requests waiting for RAG)",
                 stage="rag",
             )
+
+    def _admit_nowait(self, request: PromptRequest) -> Ticket:
+        ticket = self._new_ticket(request)
+        self._check_room()
         self._accept(ticket)
-        queue.put_nowait(ticket)
+        self._rag_q.put_nowait(ticket)
         return ticket
 
     async def _admit(self, request: PromptRequest, *, wait: bool) -> Ticket:
@@ -333,6 +413,8 @@ class PipelineHandles:
                 )
         self._stop.set()
         await self._supervisor
+        if self._own_dedup is not None:
+            await self._own_dedup.aclose()
 
     async def __aenter__(self) -> Self:
         return self

@@ -74,6 +74,7 @@ class Ticket:
         "_tokens",
         "_unwound",
         "_watched",
+        "cache_key",
         "context",
         "created_at",
         "finished_at",
@@ -94,6 +95,7 @@ class Ticket:
         self.context = ""
         self.prompt = ""
         self.output = ""
+        self.cache_key: str | None = None
         self.created_at = time.time()
         self.finished_at: float | None = None
         self._status = _PENDING

@@ -1,7 +1,30 @@
-"""Policies around the pipeline: priority queue (and, as they land, cache, limits, dedup...)."""
+"""Policies around the pipeline: cache, rate limits, priority queue, dedup, breaker, retry.
+
+Each works alone and plugs into ``PipelineConfig`` (``cache=``, ``rate_limiter=``,
+``dedup=``, ``retry=``, ``circuit_breaker=``; the priority queue is the inference channel).
+"""
 
 from __future__ import annotations
 
+from orchestrator.enhanced.cache import CacheLayer, cache_key
+from orchestrator.enhanced.circuit_breaker import CircuitBreaker, CircuitState
+from orchestrator.enhanced.dedup import Deduplicator
 from orchestrator.enhanced.priority import Priority, PriorityQueue, QueueStats
+from orchestrator.enhanced.rate_limit import RateDecision, RateLimiter, UsageInfo
+from orchestrator.enhanced.retry import Backoff, RetryPolicy
 
-__all__ = ["Priority", "PriorityQueue", "QueueStats"]
+__all__ = [
+    "Backoff",
+    "CacheLayer",
+    "CircuitBreaker",
+    "CircuitState",
+    "Deduplicator",
+    "Priority",
+    "PriorityQueue",
+    "QueueStats",
+    "RateDecision",
+    "RateLimiter",
+    "RetryPolicy",
+    "UsageInfo",
+    "cache_key",
+]
