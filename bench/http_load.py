@@ -28,19 +28,21 @@ from pathlib import Path
 BODY = {"prompt": "What is the capital of France?", "session_id": "bench", "metadata": {}}
 
 SERVER = """
-import asyncio, logging, os, sys
+import asyncio, contextlib, logging, os, sys
 from orchestrator import EchoWorker, spawn_pipeline
 from orchestrator_server import ServerConfig, start_server
 from orchestrator_server._loop import run
-from orchestrator_server.app import pipeline_config
+from orchestrator_server.app import build_pipeline_config
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # as the example server does
 
 async def main() -> None:
     access_log = os.environ.get("BENCH_ACCESS_LOG") == "1"
     config = ServerConfig(host="127.0.0.1", port=int(sys.argv[1]), access_log=access_log)
-    async with spawn_pipeline(EchoWorker.with_delay(0), pipeline_config(config)) as handles:
-        await start_server(config, handles)
+    async with contextlib.AsyncExitStack() as stack:  # the example's policies, zero-delay echo
+        pipeline = await build_pipeline_config(config, stack)
+        async with spawn_pipeline(EchoWorker.with_delay(0), pipeline) as handles:
+            await start_server(config, handles)
 
 run(main())  # uvloop, as the CLI and the example server
 """
@@ -64,8 +66,12 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=False, log_
 
 LUA = """
 wrk.method = "POST"
-wrk.body = '%s'
 wrk.headers["Content-Type"] = "application/json"
+local n = 0
+request = function()  -- a new prompt each time: every request misses the cache
+  n = n + 1
+  return wrk.format(nil, nil, nil, string.format('%s', n))
+end
 """
 
 
@@ -156,7 +162,8 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("bench/http_load.py needs wrk: apt-get install -y wrk")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
-        lua.write(LUA % json.dumps(BODY))
+        body = json.dumps({**BODY, "prompt": f"{BODY['prompt']} #%d"}).replace("'", "\\'")
+        lua.write(LUA % body)
     results: dict[str, list[dict[str, float]]] = {"bare": [], "server": [], "logged": []}
     logged = {"BENCH_ACCESS_LOG": "1"}
     try:

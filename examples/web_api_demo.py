@@ -1,4 +1,7 @@
-"""The seed's full-stack demo: EchoWorker behind REST, WebSocket and SSE on port 8080.
+"""The seed's full-stack demo: EchoWorker behind REST, WebSocket and SSE on port 8080,
+with the response cache (memory, or Redis with REDIS_URL), per-session rate limits (100
+requests a minute unless RATE_LIMIT_REQUESTS / RATE_LIMIT_WINDOW say otherwise),
+deduplication and priorities.
 
     python examples/web_api_demo.py            # or SERVER_PORT=9000 python examples/...
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import logging
 
+import attrs
+
 from orchestrator_server import ServerConfig, start_server
 from orchestrator_server._loop import run
 
@@ -21,8 +26,16 @@ from orchestrator_server._loop import run
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = ServerConfig.from_env(worker="echo")
+    if config.rate_limit_requests is None:
+        config = attrs.evolve(config, rate_limit_requests=100, rate_limit_window=60.0)
     logging.getLogger("web_api_demo").info(
-        "serving on http://%s:%d (worker: %s)", config.host, config.port, config.worker
+        "serving on http://%s:%d (worker: %s, cache: %s, rate limit: %d per %gs)",
+        config.host,
+        config.port,
+        config.worker,
+        "redis" if config.redis_url else f"memory, {config.cache_entries} entries",
+        config.rate_limit_requests,
+        config.rate_limit_window,
     )
     run(start_server(config))  # asyncio.run, on uvloop when installed
 

@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
 from orchestrator import PipelineConfig, PipelineHandles, spawn_pipeline
+from orchestrator.enhanced import CacheLayer, RateLimiter
 from orchestrator_server import routes
 from orchestrator_server.config import ServerConfig
 from orchestrator_server.websocket import stream_endpoint
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["ROUTES", "create_app", "pipeline_config", "start_server"]
+__all__ = ["ROUTES", "build_pipeline_config", "create_app", "start_server"]
 
 access_logger = logging.getLogger("orchestrator_server.access")
 logger = logging.getLogger("orchestrator_server")
@@ -147,9 +148,33 @@ class EdgeMiddleware:
                 )
 
 
-def pipeline_config(config: ServerConfig) -> PipelineConfig:
-    """The ``PipelineConfig`` a standalone server runs with (policies come from ``config``)."""
-    return PipelineConfig()
+async def build_pipeline_config(config: ServerConfig, stack: AsyncExitStack) -> PipelineConfig:
+    """The ``PipelineConfig`` a standalone server runs with: its policies from ``config``.
+
+    With ``redis_url`` the response cache and the rate limiter live in Redis (shared by
+    every replica); otherwise in this process. ``stack`` closes what this opens.
+    """
+    cache: CacheLayer | None = None
+    limiter: RateLimiter | None = None
+    limit, window = config.rate_limit_requests, config.rate_limit_window
+    if config.redis_url:
+        cache = await CacheLayer.new_redis(config.redis_url, default_ttl=config.cache_ttl)
+        stack.push_async_callback(cache.aclose)
+        if limit is not None:
+            limiter = await RateLimiter.new_redis(config.redis_url, limit, window)
+            stack.push_async_callback(limiter.aclose)
+    else:
+        if config.cache_entries:
+            cache = CacheLayer.new_memory(config.cache_entries, default_ttl=config.cache_ttl)
+        if limit is not None:
+            limiter = RateLimiter(limit, window)
+    return PipelineConfig(
+        cache=cache,
+        cache_ttl=config.cache_ttl,
+        rate_limiter=limiter,
+        dedup=config.dedup,
+        request_timeout=config.timeout_seconds,
+    )
 
 
 def create_app(
@@ -178,7 +203,8 @@ def create_app(
                 aclose = getattr(worker, "aclose", None)
                 if aclose is not None:
                     stack.push_async_callback(aclose)
-                served = spawn_pipeline(worker, pipeline_config(settings))
+                pipeline = await build_pipeline_config(settings, stack)
+                served = spawn_pipeline(worker, pipeline)
                 stack.push_async_callback(served.shutdown, settings.drain_seconds)
             yield {"handles": served, "config": settings}
 

@@ -46,6 +46,7 @@ class ServerConfig:
         rate_limit_window: The window in seconds.
         cache_entries: Entries of the in-memory response cache (0: no cache).
         cache_ttl: Seconds a cached response lives.
+        dedup: Identical prompts in flight share one worker call.
         worker: Which worker the standalone server builds: echo, openai, anthropic,
             llama_cpp or vllm.
         ws_send_timeout: Seconds a WebSocket client may take to accept a frame before it
@@ -68,6 +69,7 @@ class ServerConfig:
     rate_limit_window: float = attrs.field(default=60.0, validator=_positive)
     cache_entries: int = attrs.field(default=10_000, validator=attrs.validators.ge(0))
     cache_ttl: float = attrs.field(default=3600.0, validator=_positive)
+    dedup: bool = True
     worker: str = "echo"
     ws_send_timeout: float = attrs.field(default=10.0, validator=_positive)
     access_log: bool = True

@@ -1,0 +1,93 @@
+"""The library's policies as the server exposes them: 429s, cache hits, Redis replicas."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING
+
+import anyio
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from orchestrator_server import ServerConfig, create_app
+from tests.helpers import prompt_for
+from tests.server.conftest import serve
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_rate_limited_session_gets_429_with_headers() -> None:
+    config = ServerConfig(access_log=False, rate_limit_requests=2, rate_limit_window=60)
+    async with serve(create_app(config=config)) as base, httpx.AsyncClient(base_url=base) as c:
+        body = {"prompt": "x", "session_id": "user-1"}
+        codes = [(await c.post("/api/v1/infer", json=body)).status_code for _ in range(2)]
+        limited = await c.post("/api/v1/infer", json=body)
+        other = await c.post("/api/v1/infer", json={**body, "session_id": "user-2"})
+    assert codes == [200, 200]
+    assert limited.status_code == 429
+    assert "rate limited" in limited.json()["error"]
+    assert limited.headers["x-ratelimit-limit"] == "2"
+    assert limited.headers["x-ratelimit-remaining"] == "0"
+    assert 1 <= int(limited.headers["retry-after"]) <= 30
+    assert int(limited.headers["x-ratelimit-reset"]) >= 1
+    assert other.status_code == 200
+
+
+async def test_rate_limit_over_websocket_keeps_the_socket_open() -> None:
+    config = ServerConfig(access_log=False, rate_limit_requests=1, rate_limit_window=60)
+    async with serve(create_app(config=config)) as base:
+        url = base.replace("http", "ws") + "/api/v1/stream"
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"prompt": "a", "session_id": "s"}))
+            await ws.send(json.dumps({"prompt": "b", "session_id": "s"}))
+            with anyio.fail_after(5):
+                frames = [json.loads(await ws.recv()) for _ in range(3)]
+    limited = [f for f in frames if "error" in f]
+    assert len(limited) == 1
+    assert "rate limited" in limited[0]["error"]
+    assert limited[0]["retry_after"] > 0
+
+
+async def test_a_repeated_request_is_answered_from_the_cache_at_once() -> None:
+    config = ServerConfig(access_log=False)
+    async with serve(create_app(config=config)) as base, httpx.AsyncClient(base_url=base) as c:
+        first = (await c.post("/api/v1/infer", json={"prompt": "cached?"})).json()
+        done = (await c.get(f"/api/v1/result/{first['request_id']}")).json()
+        again = (await c.post("/api/v1/infer", json={"prompt": "cached?"})).json()
+    assert done["status"] == "completed"
+    assert again["status"] == "completed"  # in the POST answer itself
+    assert again["result"] == done["result"] == prompt_for("cached?")
+    assert again["request_id"] != first["request_id"]
+
+
+async def test_replicas_on_one_redis_share_rate_limits_and_cache(
+    redis_server: RedisServer,
+) -> None:
+    config = ServerConfig(
+        access_log=False,
+        redis_url=redis_server.url,
+        rate_limit_requests=3,
+        rate_limit_window=60,
+    )
+    session = f"shared-{uuid.uuid4().hex}"
+    async with (
+        serve(create_app(config=config)) as one,
+        serve(create_app(config=config)) as two,
+        httpx.AsyncClient() as client,
+    ):
+        body = {"prompt": f"replicated {session}", "session_id": session}
+        a = await client.post(f"{one}/api/v1/infer", json=body)
+        done = (await client.get(f"{one}/api/v1/result/{a.json()['request_id']}")).json()
+        b = (await client.post(f"{two}/api/v1/infer", json=body)).json()
+        codes = [
+            (await client.post(f"{u}/api/v1/infer", json=body)).status_code for u in (one, two)
+        ]
+    assert done["status"] == "completed"
+    assert b["status"] == "completed"  # replica two found replica one's answer in Redis
+    assert b["result"] == done["result"]
+    assert codes == [200, 429]  # three allowed in total, across both replicas
