@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
 import time
 from typing import TYPE_CHECKING, Final, TypeVar, cast, final
 
@@ -30,8 +29,6 @@ __all__ = ["Deduplicator"]
 
 T = TypeVar("T")
 V = TypeVar("V")
-
-logger = logging.getLogger(__name__)
 
 _JOINS: Final = metrics.DEDUP_JOINS.labels()
 _MISSING: Final = object()

@@ -287,6 +287,19 @@ async def test_aclose_cancels_the_call_and_waiters_get_pipeline_closed() -> None
     await dedup.aclose()  # idempotent
 
 
+async def test_aclose_before_the_call_starts_answers_its_waiters() -> None:
+    dedup = Deduplicator()
+    call = GatedCall()
+    task = asyncio.create_task(dedup.run("k", call))
+    await asyncio.sleep(0)  # the caller ran (its call task is scheduled, not started)
+    assert dedup.in_flight == 1
+    with anyio.fail_after(5):
+        await dedup.aclose()
+        with pytest.raises(PipelineClosed):
+            await task
+    assert call.started == 0
+
+
 def test_negative_result_ttl_is_refused() -> None:
     with pytest.raises(ValueError, match="result_ttl"):
         Deduplicator(result_ttl=-1.0)
