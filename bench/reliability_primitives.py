@@ -150,28 +150,27 @@ async def shared_future_waiters(n: int, batch: int) -> float:
     return await _batches(n, batch, wait)
 
 
-async def queue_push_pop(n: int, awaited: bool) -> tuple[float, float]:
+async def queue_op(n: int, *, awaited: bool, pop: bool) -> float:
+    """ns per push (into a queue growing to ``n``) or per pop (draining it)."""
     q: PriorityQueue[object] = PriorityQueue()
     item = object()
     levels = [_LEVELS[i & 3] for i in range(n)]
+    start = time.perf_counter_ns()
     if awaited:
-        push, pop = q.push, q.pop
-        start = time.perf_counter_ns()
         for level in levels:
-            await push(level, item)
+            await q.push(level, item)
         middle = time.perf_counter_ns()
         for _ in levels:
-            await pop()
+            await q.pop()
     else:
         push_nowait, pop_nowait = q.push_nowait, q.pop_nowait
-        start = time.perf_counter_ns()
         for level in levels:
             push_nowait(level, item)
         middle = time.perf_counter_ns()
         for _ in levels:
             pop_nowait()
     end = time.perf_counter_ns()
-    return (middle - start) / n, (end - middle) / n
+    return (end - middle if pop else middle - start) / n
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -209,38 +208,44 @@ def main() -> None:
     args = parser.parse_args()
     n, rounds, batch = args.n, args.rounds, args.batch
 
-    def timed(fn: Callable[[int], Coroutine[Any, Any, float]]) -> float:
-        return min(asyncio.run(fn(n)) for _ in range(rounds))
-
-    bare = timed(bare_await)
-    task = timed(task_per_call)
-    waiters = min(asyncio.run(shared_future_waiters(n, batch)) for _ in range(rounds))
+    benches: dict[str, Callable[[], Coroutine[Any, Any, float]]] = {
+        "bare": lambda: bare_await(n),
+        "task": lambda: task_per_call(n),
+        "waiters": lambda: shared_future_waiters(n, batch),
+        "call": lambda: breaker_call(n),
+        "guard": lambda: breaker_guard(n),
+        "explicit": lambda: breaker_explicit(n),
+        "retry": lambda: retry_call(n),
+        "leader": lambda: dedup_leader(n),
+        "joiner": lambda: dedup_joiners(n, batch),
+        "push": lambda: queue_op(n, awaited=False, pop=False),
+        "pop": lambda: queue_op(n, awaited=False, pop=True),
+        "apush": lambda: queue_op(n, awaited=True, pop=False),
+        "apop": lambda: queue_op(n, awaited=True, pop=True),
+    }
+    best = dict.fromkeys(benches, float("inf"))
+    for _ in range(rounds):  # interleaved, so drift hits every figure alike
+        for name, bench in benches.items():
+            best[name] = min(best[name], asyncio.run(bench()))
+    bare, task = best["bare"], best["task"]
     rows: list[tuple[str, float, str, float]] = [
-        ("CircuitBreaker.call, closed", timed(breaker_call), "await f()", bare),
-        ("CircuitBreaker.guard, closed", timed(breaker_guard), "await f()", bare),
-        ("before_call/record_success", timed(breaker_explicit), "await f()", bare),
-        ("RetryPolicy.call, 1st attempt ok", timed(retry_call), "await f()", bare),
-        ("Deduplicator.run, leader", timed(dedup_leader), "await create_task(f())", task),
+        ("CircuitBreaker.call, closed", best["call"], "await f()", bare),
+        ("CircuitBreaker.guard, closed", best["guard"], "await f()", bare),
+        ("before_call/record_success", best["explicit"], "await f()", bare),
+        ("RetryPolicy.call, 1st attempt ok", best["retry"], "await f()", bare),
+        ("Deduplicator.run, leader", best["leader"], "await create_task(f())", task),
         (
             f"Deduplicator.run, 1 of {batch} on a key",
-            min(asyncio.run(dedup_joiners(n, batch)) for _ in range(rounds)),
+            best["joiner"],
             f"{batch} tasks awaiting 1 future",
-            waiters,
+            best["waiters"],
         ),
     ]
-    pushes, pops, apushes, apops = [], [], [], []
-    for _ in range(rounds):
-        push, pop = asyncio.run(queue_push_pop(n, awaited=False))
-        apush, apop = asyncio.run(queue_push_pop(n, awaited=True))
-        pushes.append(push)
-        pops.append(pop)
-        apushes.append(apush)
-        apops.append(apop)
     queue_rows = [
-        ("PriorityQueue.push_nowait", min(pushes)),
-        ("PriorityQueue.pop_nowait", min(pops)),
-        ("await PriorityQueue.push", min(apushes)),
-        ("await PriorityQueue.pop", min(apops)),
+        ("PriorityQueue.push_nowait", best["push"]),
+        ("PriorityQueue.pop_nowait", best["pop"]),
+        ("await PriorityQueue.push", best["apush"]),
+        ("await PriorityQueue.pop", best["apop"]),
     ]
     memory = [
         ("PriorityQueue, per queued item", queue_bytes_per_item(n)),
