@@ -310,6 +310,10 @@ class HttpWorker(abc.ABC):
         self.cache_identity = json.dumps(
             {"worker": type(self).__name__, **self._settings}, sort_keys=True
         )
+        api_key = api_key.strip() if api_key else None  # a key read from a file ends in \n
+        if api_key and not (api_key.isascii() and api_key.isprintable()):
+            # httpx would quote the bad header, key and all, in its error
+            raise ValueError("the API key has characters an HTTP header cannot carry")
         self._api_key = api_key or None
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self.last_usage: TokenUsage | None = None

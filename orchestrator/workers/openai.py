@@ -143,7 +143,7 @@ class OpenAiCompatibleWorker(HttpWorker):
             state.done = True
             return None
         chunk = loads_object(event.data)
-        if "error" in chunk or chunk.get("object") == "error":  # vLLM's older error shape
+        if chunk.get("error") is not None or chunk.get("object") == "error":  # older vLLM
             error = chunk.get("error")
             status = error_status((error if isinstance(error, dict) else chunk).get("code"))
             # Without a status, an error mid-answer is the server's (OpenAI: server_error).

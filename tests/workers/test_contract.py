@@ -366,6 +366,21 @@ async def test_a_wrong_key_is_refused_and_never_shown(
         assert KEY not in record.getMessage()
 
 
+async def test_a_key_read_from_a_file_is_trimmed(provider: Provider) -> None:
+    async with (
+        FakeServer(provider.fake(api_key=KEY)) as server,
+        provider.worker(server.url, api_key=f" {KEY}\n") as worker,
+    ):
+        assert await worker.infer("hi") == [TEXT]
+
+
+@pytest.mark.parametrize("key", ["sk-\u00e9t\u00e9", "sk-a\x00b", "sk-a\nb"])
+def test_a_key_no_header_can_carry_is_refused_unseen(provider: Provider, key: str) -> None:
+    with pytest.raises(ValueError, match="API key") as caught:
+        provider.worker(NOWHERE, api_key=key)
+    assert key not in str(caught.value)
+
+
 async def test_calls_share_one_pooled_connection(provider: Provider) -> None:
     async with FakeServer(provider.fake()) as server, provider.worker(server.url) as worker:
         await worker.infer("one")
