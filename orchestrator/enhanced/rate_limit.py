@@ -593,41 +593,36 @@ class _RedisBuckets(_BucketMath):
             allowed=False, limit=self.limit, remaining=0, retry_after=wait, reset_in=wait
         )
 
-    async def _eval(self, session: str, take: int) -> object:
+    async def _eval(self, session: str, take: int) -> tuple[bool, object]:
+        """``(True, the script's reply)``, or ``(False, None)`` when Redis is unreachable."""
         if self._closed:
             raise RuntimeError("the rate limiter is closed")
+        if self._outage.skip():
+            return False, None
         try:
-            return await self._script(
+            reply = await self._script(
                 keys=[self._prefix + session], args=[self.limit, self._window_ms, take]
             )
         except self._errors as exc:
             verdict = "allowing" if self._fail_open else "refusing"
             self._outage.failed(exc, f"{verdict} every request")
-            raise _Unreachable from exc
+            return False, None
+        self._outage.succeeded()
+        return True, reply
 
     async def take(self, session: str) -> bool:
         return (await self.decide(session)).allowed
 
     async def decide(self, session: str) -> RateDecision:
-        if self._outage.skip():
+        ok, reply = await self._eval(session, 1)
+        if not ok:
             return self._down()
-        try:
-            reply = await self._eval(session, 1)
-        except _Unreachable:
-            return self._down()
-        self._outage.succeeded()
         allowed, tokens = cast("list[int | bytes]", reply)  # the script's {allowed, tokens}
         return self._decision(allowed == 1, self.limit - float(tokens))
 
     async def usage(self, session: str) -> UsageInfo | None:
-        if self._outage.skip():
-            return None
-        try:
-            reply = await self._eval(session, 0)
-        except _Unreachable:
-            return None
-        self._outage.succeeded()
-        if reply is None:  # a full bucket
+        ok, reply = await self._eval(session, 0)
+        if not ok or reply is None:  # unreachable, or a full bucket
             return None
         return self._usage(self.limit - float(cast("bytes", reply)))
 
@@ -645,7 +640,3 @@ class _RedisBuckets(_BucketMath):
                 source=self,
                 stacklevel=1,
             )
-
-
-class _Unreachable(Exception):
-    """Redis could not be reached for this check (the outage is already noted)."""
