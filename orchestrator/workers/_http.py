@@ -418,7 +418,8 @@ class HttpWorker(abc.ABC):
                             yield text
                 content_type = response.headers.get("content-type", "unknown")
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc, shown) from exc
+            if not state.done:  # once the answer is complete, a broken tail loses nothing
+                raise self._transport_error(exc, shown) from exc
         except MalformedResponse as exc:
             raise self._error(f"malformed event stream from {shown}: {exc}", status=200) from exc
         if not state.done:

@@ -217,6 +217,20 @@ async def test_stream_skips_empty_deltas_and_chunks_without_choices() -> None:
         assert worker.last_usage is None
 
 
+async def test_a_connection_cut_after_done_loses_nothing() -> None:
+    async def handler(request: Request, response: Response) -> None:
+        await response.start()
+        await response.send(data({"choices": [{"index": 0, "delta": {"content": "Hi"}}]}))
+        await response.send("data: [DONE]\n\n")
+        response.cut()  # no terminating chunk
+
+    async with (
+        FakeServer(handler) as server,
+        OpenAiWorker(model="m", base_url=f"{server.url}/v1") as worker,
+    ):
+        assert [t async for t in worker.stream("Hi")] == ["Hi"]
+
+
 async def test_a_stream_error_with_a_client_status_is_not_retryable() -> None:
     error = {"error": {"message": "context too long", "type": "BadRequestError", "code": 400}}
     async with (
