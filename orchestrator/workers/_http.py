@@ -30,17 +30,6 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Self
 
-__all__ = [
-    "HttpWorker",
-    "MalformedResponse",
-    "SseDecoder",
-    "SseEvent",
-    "StreamState",
-    "TokenUsage",
-    "describe_error",
-    "parse_retry_after",
-]
-
 logger = logging.getLogger("orchestrator.workers")
 
 JsonObject = dict[str, object]
@@ -85,13 +74,6 @@ class SseDecoder:
     Args:
         extra_fields: Field names that start an event of that name carrying the value as
             data (llama.cpp's server writes ``error: {...}`` lines).
-
-    Example:
-        >>> decoder = SseDecoder()
-        >>> decoder.feed(b"event: ping\\ndata: {}\\n\\nda")
-        [SseEvent(event='ping', data='{}')]
-        >>> decoder.feed(b"ta: x\\r\\n\\r\\n")
-        [SseEvent(event='message', data='x')]
     """
 
     def __init__(self, extra_fields: frozenset[str] = frozenset()) -> None:
@@ -236,21 +218,6 @@ def get_count(data: JsonObject, *keys: str) -> int | None:
     return sum(counts) if counts else None
 
 
-def check_options(*, max_tokens: int | None, temperature: float | None) -> None:
-    """``ValueError`` for an option out of range (providers narrow these further)."""
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    if temperature is not None and not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-
-
-def stop_tuple(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Stop sequences as a tuple: one string is one sequence."""
-    if stop is None:
-        return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)
-
-
 def retryable_status(status: int) -> bool:
     """Whether a request answered with ``status`` may succeed if sent again."""
     return status in (408, 429) or status >= 500
@@ -284,6 +251,9 @@ class HttpWorker(abc.ABC):
 
     Attributes:
         name: The worker's name in metrics and errors.
+        max_tokens: The most tokens to generate (``None``: the server's default).
+        temperature: Sampling temperature (``None``: the server's default).
+        stop: Stop sequences.
         cache_identity: What, beside the prompt, changes the answers (JSON text).
         last_usage: The token usage of the last call that reported one.
     """
@@ -299,14 +269,30 @@ class HttpWorker(abc.ABC):
         timeout: float,
         connect_timeout: float,
         client: httpx.AsyncClient | None,
+        max_tokens: int | None,
+        temperature: float | None,
+        stop: str | Sequence[str] | None,
         settings: Mapping[str, object],
     ) -> None:
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if temperature is not None and not temperature >= 0:  # providers narrow it further
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not timeout > 0 or not connect_timeout > 0:
             raise ValueError(f"timeouts must be > 0 seconds, got {timeout}, {connect_timeout}")
         self.name = name
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         self._base_url = base_url.rstrip("/")
         self._shown = _shown_url(self._base_url)
-        self._settings = {"base_url": self._shown, **settings}
+        self._settings = {
+            "base_url": self._shown,
+            **settings,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "stop": self.stop,
+        }
         self.cache_identity = json.dumps(
             {"worker": type(self).__name__, **self._settings}, sort_keys=True
         )
@@ -324,6 +310,18 @@ class HttpWorker(abc.ABC):
             limits = httpx.Limits(max_connections=100, max_keepalive_connections=64)
             client = httpx.AsyncClient(timeout=self._timeout, limits=limits)
         self._client = client
+
+    def _add_options(
+        self, body: JsonObject, *, max_tokens: str = "max_tokens", stop: str = "stop"
+    ) -> JsonObject:
+        """``body`` with the sampling options that are set, under the provider's names."""
+        if self.max_tokens is not None:
+            body[max_tokens] = self.max_tokens
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.stop:
+            body[stop] = list(self.stop)
+        return body
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self._settings.items() if v not in (None, ()))

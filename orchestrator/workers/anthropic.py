@@ -11,14 +11,12 @@ from orchestrator.workers._http import (
     SseEvent,
     StreamState,
     TokenUsage,
-    check_options,
     get_count,
     get_list,
     get_object,
     get_text,
     loads_object,
     retryable_status,
-    stop_tuple,
 )
 
 if TYPE_CHECKING:
@@ -90,7 +88,6 @@ class AnthropicWorker(HttpWorker):
         client: httpx.AsyncClient | None = None,
         name: str = "anthropic",
     ) -> None:
-        check_options(max_tokens=max_tokens, temperature=temperature)
         if not model:
             raise ValueError("AnthropicWorker needs a model name")
         base_url = base_url or os.environ.get("ANTHROPIC_BASE_URL") or ANTHROPIC_API
@@ -101,10 +98,7 @@ class AnthropicWorker(HttpWorker):
                 "set ANTHROPIC_API_KEY"
             )
         self.model = model
-        self.max_tokens = max_tokens
-        self.temperature = temperature
         self.system = system
-        self.stop = stop_tuple(stop)
         super().__init__(
             name=name,
             base_url=base_url,
@@ -112,13 +106,10 @@ class AnthropicWorker(HttpWorker):
             timeout=timeout,
             connect_timeout=connect_timeout,
             client=client,
-            settings={
-                "model": model,
-                "temperature": temperature,
-                "max_tokens": max_tokens,
-                "system": system,
-                "stop": self.stop,
-            },
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=stop,
+            settings={"model": model, "system": system},
         )
 
     def _headers(self) -> dict[str, str]:
@@ -128,17 +119,10 @@ class AnthropicWorker(HttpWorker):
         return headers
 
     def _request(self, prompt: str, *, stream: bool) -> tuple[str, JsonObject]:
-        body: JsonObject = {
-            "model": self.model,
-            "max_tokens": self.max_tokens,
-            "messages": [{"role": "user", "content": prompt}],
-        }
+        body: JsonObject = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
         if self.system:
             body["system"] = self.system
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if self.stop:
-            body["stop_sequences"] = list(self.stop)
+        self._add_options(body, stop="stop_sequences")  # max_tokens: always set, required
         if stream:
             body["stream"] = True
         return "/v1/messages", body

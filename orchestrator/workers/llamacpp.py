@@ -11,13 +11,11 @@ from orchestrator.workers._http import (
     SseEvent,
     StreamState,
     TokenUsage,
-    check_options,
     error_status,
     get_count,
     get_text,
     loads_object,
     retryable_status,
-    stop_tuple,
 )
 
 if TYPE_CHECKING:
@@ -75,10 +73,6 @@ class LlamaCppWorker(HttpWorker):
         client: httpx.AsyncClient | None = None,
         name: str = "llama_cpp",
     ) -> None:
-        check_options(max_tokens=max_tokens, temperature=temperature)
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.stop = stop_tuple(stop)
         super().__init__(
             name=name,
             base_url=url or os.environ.get("LLAMA_CPP_URL") or LLAMA_CPP_URL,
@@ -86,7 +80,10 @@ class LlamaCppWorker(HttpWorker):
             timeout=timeout,
             connect_timeout=connect_timeout,
             client=client,
-            settings={"temperature": temperature, "max_tokens": max_tokens, "stop": self.stop},
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=stop,
+            settings={},
         )
 
     def _headers(self) -> dict[str, str]:
@@ -94,13 +91,7 @@ class LlamaCppWorker(HttpWorker):
 
     def _request(self, prompt: str, *, stream: bool) -> tuple[str, JsonObject]:
         body: JsonObject = {"prompt": prompt, "stream": stream}
-        if self.max_tokens is not None:
-            body["n_predict"] = self.max_tokens
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if self.stop:
-            body["stop"] = list(self.stop)
-        return "/completion", body
+        return "/completion", self._add_options(body, max_tokens="n_predict")
 
     def _parse_response(self, data: JsonObject) -> tuple[str, TokenUsage | None]:
         return get_text(data, "content"), _usage(data)

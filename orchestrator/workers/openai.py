@@ -18,7 +18,6 @@ from orchestrator.workers._http import (
     SseEvent,
     StreamState,
     TokenUsage,
-    check_options,
     error_status,
     get_count,
     get_list,
@@ -26,7 +25,6 @@ from orchestrator.workers._http import (
     get_text,
     loads_object,
     retryable_status,
-    stop_tuple,
 )
 
 if TYPE_CHECKING:
@@ -78,17 +76,13 @@ class OpenAiCompatibleWorker(HttpWorker):
         connect_timeout: float,
         client: httpx.AsyncClient | None,
     ) -> None:
-        check_options(max_tokens=max_tokens, temperature=temperature)
         if not model:
             raise ValueError(f"{type(self).__name__} needs a model name")
         if system is not None and not chat:
             raise ValueError("a system prompt needs the chat endpoint (chat=True)")
         self.model = model
         self.chat = chat
-        self.max_tokens = max_tokens
-        self.temperature = temperature
         self.system = system
-        self.stop = stop_tuple(stop)
         self.stream_usage = stream_usage
         super().__init__(
             name=name,
@@ -97,14 +91,10 @@ class OpenAiCompatibleWorker(HttpWorker):
             timeout=timeout,
             connect_timeout=connect_timeout,
             client=client,
-            settings={
-                "model": model,
-                "chat": chat,
-                "temperature": temperature,
-                "max_tokens": max_tokens,
-                "system": system,
-                "stop": self.stop,
-            },
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=stop,
+            settings={"model": model, "chat": chat, "system": system},
         )
 
     def _headers(self) -> dict[str, str]:
@@ -118,12 +108,7 @@ class OpenAiCompatibleWorker(HttpWorker):
             body["messages"] = messages
         else:
             body["prompt"] = prompt
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if self.stop:
-            body["stop"] = list(self.stop)
+        self._add_options(body)
         if stream:
             body["stream"] = True
             if self.stream_usage:
