@@ -152,16 +152,20 @@ async def build_pipeline_config(config: ServerConfig, stack: AsyncExitStack) -> 
     """The ``PipelineConfig`` a standalone server runs with: its policies from ``config``.
 
     With ``redis_url`` the response cache and the rate limiter live in Redis (shared by
-    every replica); otherwise in this process. ``stack`` closes what this opens.
+    every replica); otherwise in this process. The server starts even while Redis is
+    down, degraded (cache misses; rate limits fail open) until it answers: a Redis outage
+    never fails requests, at boot or later. ``stack`` closes what this opens.
     """
     cache: CacheLayer | None = None
     limiter: RateLimiter | None = None
     limit, window = config.rate_limit_requests, config.rate_limit_window
     if config.redis_url:
-        cache = await CacheLayer.new_redis(config.redis_url, default_ttl=config.cache_ttl)
+        cache = await CacheLayer.new_redis(
+            config.redis_url, default_ttl=config.cache_ttl, ping=False
+        )
         stack.push_async_callback(cache.aclose)
         if limit is not None:
-            limiter = await RateLimiter.new_redis(config.redis_url, limit, window)
+            limiter = await RateLimiter.new_redis(config.redis_url, limit, window, ping=False)
             stack.push_async_callback(limiter.aclose)
     else:
         if config.cache_entries:

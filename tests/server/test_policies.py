@@ -91,3 +91,19 @@ async def test_replicas_on_one_redis_share_rate_limits_and_cache(
     assert b["status"] == "completed"  # replica two found replica one's answer in Redis
     assert b["result"] == done["result"]
     assert codes == [200, 429]  # three allowed in total, across both replicas
+
+
+async def test_the_server_starts_and_serves_while_redis_is_down() -> None:
+    from tests.redis_server import free_port
+
+    config = ServerConfig(
+        access_log=False,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        rate_limit_requests=1,
+    )
+    async with serve(create_app(config=config)) as base, httpx.AsyncClient(base_url=base) as c:
+        body = {"prompt": "degraded", "session_id": "s"}
+        ids = [(await c.post("/api/v1/infer", json=body)).json()["request_id"] for _ in range(2)]
+        results = [(await c.get(f"/api/v1/result/{i}")).json() for i in ids]
+    assert [r["status"] for r in results] == ["completed", "completed"]  # limits fail open
+    assert results[0]["result"] == prompt_for("degraded")
