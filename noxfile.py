@@ -32,11 +32,20 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy")
 
 
+BENCHMARKS = [
+    "bench/pipeline_throughput.py",
+    "bench/enhanced_primitives.py",
+    "bench/reliability_primitives.py",
+    "bench/http_load.py",  # needs wrk (apt-get install wrk)
+]
+
+
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Run every benchmark in bench/ (arguments after -- go to each script)."""
+    """Run the benchmarks (``nox -s bench -- bench/http_load.py`` runs just one)."""
     session.install("-e", ".[dev]")
-    session.run("python", "bench/pipeline_throughput.py", *session.posargs)
+    for script in session.posargs or BENCHMARKS:
+        session.run("python", script)
 
 
 @nox.session(python=PYTHON)
