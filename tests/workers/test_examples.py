@@ -22,14 +22,16 @@ from tests.workers.fake_servers import (
 
 pytestmark = pytest.mark.anyio
 
-EXAMPLES = Path(__file__).parents[2] / "examples"
+ROOT = Path(__file__).parents[2]
+EXAMPLES = ROOT / "examples"
 KEY = "sk-example-test-key-a3f5e1"
 
 
 async def run_example(name: str, env: dict[str, str]) -> tuple[int, str, str]:
-    """Run ``examples/<name>`` with ``env`` (plus this interpreter's path); its exit code,
-    stdout and stderr."""
-    full_env = {**os.environ, "PYTHONIOENCODING": "utf-8", **env}
+    """Run ``examples/<name>`` with ``env``, importing this checkout's ``orchestrator``;
+    its exit code, stdout and stderr."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": path, **env}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(EXAMPLES / name),
