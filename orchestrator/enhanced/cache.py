@@ -20,13 +20,13 @@ import hashlib
 import logging
 import math
 import time
-import warnings
 from typing import TYPE_CHECKING, Final, Protocol, final
 
 import attrs
 import cachetools
 
 from orchestrator import metrics
+from orchestrator.enhanced._redis import Outage, RedisClientOwner, connect_redis
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -125,14 +125,6 @@ def _check_ttl(ttl: float | None) -> None:
         raise ValueError(f"a ttl must be > 0 and finite seconds, or None; got {ttl!r}")
 
 
-def _redact(url: str) -> str:
-    head, at, host = url.rpartition("@")
-    if not at:
-        return url
-    scheme, sep, user = head.partition("://")
-    return f"{scheme}{sep}{user.partition(':')[0]}:***@{host}"
-
-
 @final
 @attrs.define(eq=False)
 class CacheLayer:
@@ -165,7 +157,7 @@ class CacheLayer:
     _hit_cell: CounterCell = attrs.field(init=False)
     _miss_cell: CounterCell = attrs.field(init=False)
     _error_cell: CounterCell = attrs.field(init=False)
-    _outage: _Outage = attrs.field(init=False)
+    _outage: Outage = attrs.field(init=False)
     _hits: int = attrs.field(default=0, init=False)
     _misses: int = attrs.field(default=0, init=False)
     _errors: int = attrs.field(default=0, init=False)
@@ -174,7 +166,7 @@ class CacheLayer:
     def __attrs_post_init__(self) -> None:
         _check_ttl(self.default_ttl)
         name = self._backend.name
-        self._outage = _Outage(f"cache backend {name}", self.probe_interval, self._clock)
+        self._outage = Outage(f"cache backend {name}", self.probe_interval, self._clock, logger)
         self._hit_cell = metrics.CACHE_HITS.labels(name)
         self._miss_cell = metrics.CACHE_MISSES.labels(name)
         self._error_cell = metrics.CACHE_ERRORS.labels(name)
@@ -239,7 +231,7 @@ class CacheLayer:
             ValueError: Neither or both of ``url`` and ``client``, or a bad URL or value.
             ConnectionError: ``ping`` is true and the server did not answer.
         """
-        client, owned = await _connect_redis(
+        client, owned = await connect_redis(
             url,
             client,
             connect_timeout=connect_timeout,
@@ -373,125 +365,6 @@ class CacheLayer:
 
 
 @final
-class _Outage:
-    """Outage bookkeeping of one Redis-backed object (shared with ``rate_limit``).
-
-    Logs one warning when failures start and one info line when a call succeeds again,
-    and while down lets one call per ``probe_interval`` try the server (``skip()`` is
-    true for the others, which take the degraded answer at once).
-    """
-
-    __slots__ = (
-        "_clock",
-        "_degraded",
-        "_log",
-        "_next_probe",
-        "_what",
-        "down_since",
-        "probe_interval",
-    )
-
-    def __init__(
-        self,
-        what: str,
-        probe_interval: float,
-        clock: Callable[[], float],
-        log: logging.Logger = logger,
-    ) -> None:
-        self._what = what
-        self._log = log
-        self.probe_interval = probe_interval
-        self._clock = clock
-        self.down_since: float | None = None
-        self._next_probe = 0.0
-        self._degraded = 0
-
-    @property
-    def down(self) -> bool:
-        return self.down_since is not None
-
-    def skip(self) -> bool:
-        if self.down_since is None or self._clock() >= self._next_probe:
-            return False
-        self._degraded += 1
-        return True
-
-    def failed(self, exc: Exception, consequence: str) -> None:
-        now = self._clock()
-        self._next_probe = now + self.probe_interval
-        self._degraded += 1
-        if self.down_since is None:
-            self.down_since = now
-            self._log.warning(
-                "%s is unavailable, %s until it answers: %s: %s",
-                self._what,
-                consequence,
-                type(exc).__name__,
-                exc,
-            )
-
-    def succeeded(self) -> None:
-        if self.down_since is not None:
-            self._log.info(
-                "%s answers again after %.1fs (%d calls degraded)",
-                self._what,
-                self._clock() - self.down_since,
-                self._degraded,
-            )
-            self.down_since = None
-            self._degraded = 0
-
-
-async def _connect_redis(
-    url: str | None,
-    client: Redis | None,
-    *,
-    connect_timeout: float,
-    command_timeout: float,
-    max_connections: int,
-    ping: bool,
-) -> tuple[Redis, bool]:
-    """The client to use and whether we own it (shared with ``rate_limit``).
-
-    Raises:
-        ValueError: Neither or both of ``url`` and ``client``, or a bad URL.
-        ConnectionError: ``ping`` is true and the server did not answer.
-    """
-    from redis.asyncio import BlockingConnectionPool
-    from redis.asyncio import Redis as _Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-    from redis.exceptions import RedisError
-
-    if (url is None) == (client is None):
-        raise ValueError("pass exactly one of url or client")
-    owned = client is None
-    if client is None:
-        assert url is not None
-        # One immediate retry: after a server restart the first command on a pooled
-        # connection meets the dead socket, and the retry reconnects. More retries (or
-        # redis-py's default backoff) would only stretch an outage into every call.
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=command_timeout,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=command_timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
-        client = _Redis.from_pool(pool)
-    if ping:
-        try:
-            await client.ping()
-        except (RedisError, OSError) as exc:
-            if owned:
-                await client.aclose()
-            where = _redact(url) if url is not None else "the given client"
-            raise ConnectionError(f"Redis at {where} did not answer PING: {exc}") from exc
-    return client, owned
-
-
-@final
 class _MemoryBackend:
     """A ``cachetools.TLRUCache``: bounded, LRU eviction, an expiry time per entry."""
 
@@ -538,12 +411,15 @@ class _MemoryBackend:
 
 
 @final
-class _RedisBackend:
+class _RedisBackend(RedisClientOwner):
     """Entries as Redis strings under ``prefix + key``, expired by Redis (``PX``)."""
 
     __slots__ = ("_client", "_closed", "_owned", "_prefix")
 
     name: Final = "redis"
+    _unclosed_warning = (
+        "CacheLayer on Redis was not closed: use `async with` or `await cache.aclose()`"
+    )
 
     def __init__(self, client: Redis, prefix: str, *, owned: bool) -> None:
         self._client = client
@@ -566,18 +442,3 @@ class _RedisBackend:
 
     def entries(self) -> None:
         return None  # counting our keys means a SCAN of the whole keyspace
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if self._owned:
-                await self._client.aclose()
-
-    def __del__(self) -> None:
-        if self._owned and not getattr(self, "_closed", True):
-            warnings.warn(
-                "CacheLayer on Redis was not closed: use `async with` or `await cache.aclose()`",
-                ResourceWarning,
-                source=self,
-                stacklevel=1,
-            )
