@@ -210,7 +210,7 @@ class InferenceStage:
         self._tasks: set[asyncio.Task[None]] = set()
         self._duration = metrics.STAGE_DURATION.labels("inference")
         self._latency = metrics.WORKER_LATENCY.labels(self.worker_name)
-        self._tokens = metrics.WORKER_TOKENS.labels(self.worker_name, "completion")
+        self._tokens = metrics.WORKER_TOKENS.labels(self.worker_name, "chunks")
 
     async def run(self) -> None:
         inbox = self.inbox

@@ -295,7 +295,8 @@ WORKER_LATENCY: Final = Histogram(
 )
 WORKER_TOKENS: Final = Counter(
     "orchestrator_worker_tokens_total",
-    "Tokens produced by workers (and prompt tokens, when the provider reports them).",
+    "Worker tokens: kind=prompt and kind=completion as the provider reports them, "
+    "kind=chunks the text pieces the pipeline received.",
     ("worker", "kind"),
 )
 

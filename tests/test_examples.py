@@ -18,7 +18,7 @@ def run_example(name: str, **env: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **env},
+        env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent), **env},  # this checkout
     )
 
 

@@ -304,6 +304,7 @@ class HttpWorker(abc.ABC):
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self.last_usage: TokenUsage | None = None
         self._prompt_tokens = metrics.WORKER_TOKENS.labels(name, "prompt")
+        self._completion_tokens = metrics.WORKER_TOKENS.labels(name, "completion")
         self._closed = False
         self._owns_client = client is None  # set after every check: __del__ reads it
         if client is None:
@@ -470,8 +471,10 @@ class HttpWorker(abc.ABC):
         if usage is None:
             return
         self.last_usage = usage
-        if usage.prompt_tokens:  # the pipeline counts completion tokens as it receives them
+        if usage.prompt_tokens:
             self._prompt_tokens.inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            self._completion_tokens.inc(usage.completion_tokens)
 
     def _error(
         self,

@@ -19,12 +19,6 @@ PROVIDER_ENV = (
 )
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "e2e: talks to a real model server named in the environment (-m e2e)"
-    )
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``e2e`` tests run only when asked for with ``-m e2e``: a plain run never leaves
     the machine, whatever keys the environment holds."""
