@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from orchestrator_server._loop import run
 from orchestrator_server.app import start_server
 from orchestrator_server.config import ServerConfig
-from orchestrator_server.workers import WORKERS
+from orchestrator_server.workers import WORKERS, make_worker
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        run(_check_worker(config.worker))
+    except ValueError as exc:
+        print(f"orchestrator-server: worker {config.worker!r}: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -69,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         run(start_server(config))
     return 0
+
+
+async def _check_worker(name: str) -> None:
+    """Build the worker once before serving, so a missing key or model is a one-line
+    error at the prompt, not a traceback from the server's startup."""
+    worker = make_worker(name)
+    aclose = getattr(worker, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

@@ -294,3 +294,53 @@ def test_cli_rejects_a_bad_environment() -> None:
     )
     assert done.returncode == 2
     assert "SERVER_PORT='eighty'" in done.stderr
+
+
+async def test_cli_serves_an_openai_compatible_worker() -> None:
+    from tests.workers.fake_servers import TOKENS, FakeOpenAi, FakeServer
+
+    port = _free_port()
+    async with FakeServer(FakeOpenAi()) as fake:
+        env = {
+            **os.environ,
+            "SERVER_PORT": str(port),
+            "SERVER_HOST": "127.0.0.1",
+            "OPENAI_BASE_URL": f"{fake.url}/v1",
+            "OPENAI_MODEL": "tiny",
+        }
+        env.pop("OPENAI_API_KEY", None)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator_server", "--worker", "openai"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                await _wait_healthy(client, process)
+                submitted = await client.post("/api/v1/infer", json={"prompt": "hi"})
+                request_id = submitted.json()["request_id"]
+                result = (await client.get(f"/api/v1/result/{request_id}")).json()
+        finally:
+            process.terminate()
+            await anyio.to_thread.run_sync(process.wait)
+            if process.stderr:
+                process.stderr.close()
+    assert result["status"] == "completed", result
+    assert result["result"] == "".join(TOKENS)
+    assert json.loads(fake.requests[-1].body)["model"] == "tiny"
+
+
+def test_cli_explains_a_missing_worker_setting() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "VLLM_"))}
+    for worker, missing in (("openai", "OPENAI_API_KEY"), ("vllm", "VLLM_MODEL")):
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator_server", "--worker", worker],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2
+        assert missing in done.stderr
+        assert "Traceback" not in done.stderr
