@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -48,8 +52,41 @@ def bench(session: nox.Session) -> None:
         session.run("python", script)
 
 
+REAL_LLM = Path(__file__).resolve().parent.parent / "shared" / "tools" / "start_real_llm.sh"
+
+
 @nox.session(python=PYTHON)
 def e2e(session: nox.Session) -> None:
-    """Opt-in: examples against a real local model (see docs/workers.md)."""
+    """Opt-in: the workers, pipeline and server against a real local model.
+
+    Uses ``LLM_URL`` and ``LLM_MODEL_ID`` when set; otherwise starts SmolLM2 with
+    ``start_real_llm.sh`` (``REAL_LLM_SCRIPT`` to point elsewhere; the first run compiles
+    llama.cpp, about 10 minutes) and stops it afterwards.
+    """
     session.install("-e", ".[dev]")
-    session.run("pytest", "-m", "e2e", *session.posargs)
+    env = {k: os.environ[k] for k in ("LLM_URL", "LLM_MODEL_ID") if k in os.environ}
+    started: str | None = None
+    if len(env) < 2:
+        script = os.environ.get("REAL_LLM_SCRIPT", str(REAL_LLM))
+        if not Path(script).exists():
+            session.error(f"set LLM_URL and LLM_MODEL_ID, or REAL_LLM_SCRIPT ({script} is missing)")
+        out = session.run(
+            "bash", script, "/tmp/llmvenv", env={"LLM_MODEL": "smollm2"}, silent=True, external=True
+        )
+        printed = dict(
+            line.split("=", 1) for line in str(out).splitlines() if line.startswith("LLM_")
+        )
+        env = {"LLM_URL": printed["LLM_URL"], "LLM_MODEL_ID": printed["LLM_MODEL_ID"]}
+        started = printed.get("LLM_PID")
+    url, model = env["LLM_URL"], env["LLM_MODEL_ID"]
+    env |= {  # the examples' own settings, pointed at the same server
+        "OPENAI_BASE_URL": f"{url}/v1",
+        "OPENAI_MODEL": model,
+        "VLLM_URL": url,
+        "VLLM_MODEL": model,
+    }
+    try:
+        session.run("pytest", "-m", "e2e", *session.posargs, env=env)
+    finally:
+        if started:
+            os.kill(int(started), signal.SIGTERM)
