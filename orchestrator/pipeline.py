@@ -187,6 +187,7 @@ class PipelineHandles:
             ),
         )
         self._shed = metrics.SHED.labels("rag")
+        self._finished_callback = self._on_done  # one bound method, not one per ticket
         self._stop = asyncio.Event()
         self._supervisor = self._loop.create_task(self._supervise(), name="orchestrator-pipeline")
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -285,7 +286,7 @@ class PipelineHandles:
         priority = Priority.parse(request.meta.get("priority"))
         if request.request_id in self._records:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        return Ticket(request, priority, self._on_done)
+        return Ticket(request, priority, self._finished_callback)
 
     def _accept(self, ticket: Ticket) -> None:
         request = ticket.request

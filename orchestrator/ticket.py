@@ -280,6 +280,7 @@ class Ticket:
             task.cancel()
         _wake(self._done_waiters)
         _wake(self._token_waiters)
+        self._done_waiters = self._token_waiters = None  # no one waits on a finished ticket
         if self._on_done is not None:
             self._on_done(self)
         return True
