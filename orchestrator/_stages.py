@@ -425,8 +425,11 @@ def stream_work(
                 if inspect.isawaitable(result):
                     pending = _sinks_rest(sinks[i + 1 :], output, result)
                     break
-        if cache is not None and ticket.cache_key is not None:
-            return _then_store(pending, cache, ticket.cache_key, ticket.output, cache_ttl)
+        key = ticket.cache_key
+        if cache is not None and key is not None:
+            if pending is None and cache.set_nowait(key, ticket.output, cache_ttl):
+                return ""
+            return _then_store(pending, cache, key, ticket.output, cache_ttl)
         return "" if pending is None else pending
 
     return work

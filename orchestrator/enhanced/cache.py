@@ -298,6 +298,28 @@ class CacheLayer:
         if self._outage.down_since is not None:
             self._outage.succeeded()
 
+    def set_nowait(self, key: str, value: str, ttl_seconds: float | None = None) -> bool:
+        """``set`` without awaiting, when the backend lives in this process.
+
+        The pipeline stores each result this way when it can: no task, no loop turn.
+
+        Returns:
+            ``True`` if stored; ``False`` (nothing done) for a remote backend, which needs
+            ``await set(...)``.
+
+        Raises:
+            ValueError: ``ttl_seconds`` is not > 0 and finite.
+            RuntimeError: The cache is closed.
+        """
+        backend = self._backend
+        if not isinstance(backend, _MemoryBackend):
+            return False
+        _check_ttl(ttl_seconds)
+        if self._closed:
+            raise RuntimeError("the cache is closed")
+        backend.store(key, value, self.default_ttl if ttl_seconds is None else ttl_seconds)
+        return True
+
     async def delete(self, key: str) -> None:
         """Remove ``key`` if present; skipped (and counted) while the backend is down.
 
@@ -396,6 +418,9 @@ class _MemoryBackend:
             return None
 
     async def set(self, key: str, value: str, ttl_seconds: float | None) -> None:
+        self.store(key, value, ttl_seconds)
+
+    def store(self, key: str, value: str, ttl_seconds: float | None) -> None:
         self._ttl = ttl_seconds
         self._entries[key] = value
 

@@ -245,6 +245,21 @@ async def test_memory_evicts_the_least_recently_used(clock: FakeClock) -> None:
     assert cache.stats().entries == 2
 
 
+async def test_set_nowait_stores_only_in_a_local_backend(case: Case) -> None:
+    stored = case.cache.set_nowait("k", "v", 60)
+    assert stored is (case.cache.backend == "memory")
+    assert await case.cache.get("k") == ("v" if stored else None)
+
+
+async def test_set_nowait_checks_its_ttl(clock: FakeClock) -> None:
+    cache = CacheLayer.new_memory(10, clock=clock)
+    with pytest.raises(ValueError, match="ttl"):
+        cache.set_nowait("k", "v", 0)
+    await cache.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.set_nowait("k", "v", 1)
+
+
 async def test_memory_entries_do_not_count_expired_ones(clock: FakeClock) -> None:
     cache = CacheLayer.new_memory(10_000, clock=clock)
     for i in range(1000):
