@@ -13,18 +13,18 @@ import contextlib
 import functools
 import inspect
 import logging
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import metrics
 from orchestrator._channel import Channel
+from orchestrator._tasks import spawn
 from orchestrator.errors import InferenceError, Overloaded, QueueFull, StageError
 from orchestrator.types import PostOutput, RequestStatus
 from orchestrator.workers.base import worker_name
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
     from orchestrator.enhanced.cache import CacheLayer
     from orchestrator.enhanced.circuit_breaker import CircuitBreaker
@@ -38,18 +38,6 @@ logger = logging.getLogger("orchestrator.pipeline")
 
 _FAILED = RequestStatus.FAILED
 _COMPLETED = RequestStatus.COMPLETED
-
-
-def _spawn(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    return loop.create_task(coro)
-
-
-if sys.version_info >= (3, 12):  # run until the first await at once: no scheduling round trip
-
-    def _spawn(
-        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
-    ) -> asyncio.Task[None]:
-        return asyncio.Task(coro, loop=loop, eager_start=True)
 
 
 def fail(ticket: Ticket, stage: str, error: BaseException) -> None:
@@ -229,7 +217,7 @@ class InferenceStage:
                 if ticket._done:
                     continue
                 self.active += 1
-                task = _spawn(loop, self._serve(ticket))
+                task = spawn(loop, self._serve(ticket))
                 if not task.done():
                     self._tasks.add(task)
         finally:

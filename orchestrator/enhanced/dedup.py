@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Final, TypeVar, cast, final
 
 from orchestrator import metrics
+from orchestrator._tasks import spawn
 from orchestrator.errors import PipelineClosed
 
 if TYPE_CHECKING:
@@ -192,20 +193,23 @@ class Deduplicator:
             if self._closed:
                 raise PipelineClosed("the deduplicator is closed")
             flight = self._calls[key] = _Flight(key, self._calls)
-            flight.task = task = loop.create_task(self._drive(flight, call))
-            self._tasks.add(task)
+            task = spawn(loop, self._drive(flight, call))  # may be done already (3.12+)
+            flight.task = task
+            if not task.done():
+                self._tasks.add(task)
         else:
             _JOINS.inc()
-        fut = loop.create_future()
-        waiters = flight.waiters
-        waiters.append(fut)
-        try:
-            await fut
-        except BaseException:
-            _forget(waiters, fut)
-            if not waiters and not flight.finished:
-                self._abandon(flight)
-            raise
+        if not flight.finished:
+            fut = loop.create_future()
+            waiters = flight.waiters
+            waiters.append(fut)
+            try:
+                await fut
+            except BaseException:
+                _forget(waiters, fut)
+                if not waiters and not flight.finished:
+                    self._abandon(flight)
+                raise
         if flight.error is not None:
             flight.raise_error()
         return cast("T", flight.value)  # the key names the call, so its result's type
