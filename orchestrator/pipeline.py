@@ -98,12 +98,12 @@ class InputSender:
         self._handles = handles
 
     async def send(self, request: PromptRequest) -> Ticket:
-        """Submit ``request``, waiting for room; returns its ticket (ignore it if you like)."""
-        return await self._handles._admit(request, wait=True)
+        """Submit ``request``, waiting for room; returns its ticket (ignore it if you like).
 
-    def try_send(self, request: PromptRequest) -> Ticket:
-        """Submit ``request`` now or raise ``Overloaded`` / ``PipelineClosed``."""
-        return self._handles._admit_nowait(request)
+        Raises:
+            The errors of ``PipelineHandles.submit``, except ``Overloaded``.
+        """
+        return await self._handles._admit(request, wait=True)
 
 
 @final
@@ -212,16 +212,19 @@ class PipelineHandles:
                 already in use.
         """
         if self._policies:
-            ticket = await self._admit_with_policies(request)
+            ticket = await self._admit(request, wait=False)
         else:
-            ticket = self._admit_nowait(request)
+            ticket = self._admit_nowait(request)  # the fast path: nothing to await
         if stream:
             ticket._watched = True
         return ticket
 
-    async def _admit_with_policies(self, request: PromptRequest) -> Ticket:
+    async def _admit(self, request: PromptRequest, *, wait: bool) -> Ticket:
+        """Admission with the policies (rate limit, then cache), shedding when full or,
+        with ``wait``, waiting for room."""
         ticket = self._new_ticket(request)
-        self._check_room()  # refuse before spending the session's budget
+        if not wait:
+            self._check_room()  # refuse before spending the session's budget
         limiter = self._limiter
         if limiter is not None:
             decision = await limiter.decide(request.session)
@@ -239,11 +242,14 @@ class PipelineHandles:
             if cached is not None:
                 return self._complete_from_cache(ticket, cached)
             ticket.cache_key = key
-        if self._closed:  # shutdown began while we awaited the limiter or the cache
-            raise PipelineClosed("the pipeline is shutting down and admits no new requests")
-        self._check_room()
+        if self._closed or request.request_id in self._records:  # changed while we awaited
+            self._new_ticket(request)  # raises the error that now applies
+        if wait:
+            await self._rag_q.put(ticket)  # nothing runs between put and accept
+        else:
+            self._check_room()
+            self._rag_q.put_nowait(ticket)
         self._accept(ticket)
-        self._rag_q.put_nowait(ticket)
         return ticket
 
     def _cache_key(self, request: PromptRequest) -> str:
@@ -309,14 +315,6 @@ class PipelineHandles:
         self._check_room()
         self._accept(ticket)
         self._rag_q.put_nowait(ticket)
-        return ticket
-
-    async def _admit(self, request: PromptRequest, *, wait: bool) -> Ticket:
-        if not wait:
-            return self._admit_nowait(request)
-        ticket = self._new_ticket(request)
-        await self._rag_q.put(ticket)  # waits for room; nothing runs between put and accept
-        self._accept(ticket)
         return ticket
 
     # -- bookkeeping -----------------------------------------------------------------------

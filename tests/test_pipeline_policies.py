@@ -251,3 +251,15 @@ async def test_breaker_opens_on_a_failing_worker_and_closes_after_recovery() -> 
         assert await handles.infer("q") == prompt_for("q")  # the probe succeeds
         assert sample("orchestrator_circuit_breaker_state", breaker="test-pipeline") == 0
         assert await handles.infer("q2") == prompt_for("q2")
+
+
+async def test_input_tx_send_applies_the_same_policies_as_submit() -> None:
+    cache = CacheLayer.new_memory(10)
+    config = PipelineConfig(rate_limiter=RateLimiter(2, 60), cache=cache)
+    async with spawn_pipeline(EchoWorker.with_delay(0), config) as handles:
+        first = await handles.input_tx.send(PromptRequest("alice", "q"))
+        assert await first.result() == prompt_for("q")
+        again = await handles.input_tx.send(PromptRequest("alice", "q"))
+        assert again.status is RequestStatus.COMPLETED  # a cache hit at once
+        with pytest.raises(RateLimited):
+            await handles.input_tx.send(PromptRequest("alice", "q"))
