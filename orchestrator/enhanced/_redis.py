@@ -110,7 +110,14 @@ async def connect_redis(
     Raises:
         ValueError: Neither or both of ``url`` and ``client``, or a bad URL.
         ConnectionError: ``ping`` is true and the server did not answer.
+        ImportError: redis-py is not installed (the ``redis`` extra).
     """
+    try:
+        import redis  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "the Redis backends need redis-py: pip install 'prompt-orchestrator[redis]'"
+        ) from exc
     from redis.asyncio import BlockingConnectionPool
     from redis.asyncio import Redis as _Redis
     from redis.asyncio.retry import Retry
