@@ -7,7 +7,7 @@ OpenAI-compatible server); see docs/workers.md.
 
 from __future__ import annotations
 
-from orchestrator.workers._http import TokenUsage
+from orchestrator.workers._wire import TokenUsage
 from orchestrator.workers.anthropic import AnthropicWorker
 from orchestrator.workers.base import EchoWorker, ModelWorker
 from orchestrator.workers.llamacpp import LlamaCppWorker

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Final, final
 
-from orchestrator.workers._http import (
-    HttpWorker,
+from orchestrator.workers._http import HttpWorker
+from orchestrator.workers._wire import (
     JsonObject,
     MalformedResponse,
     SseEvent,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from orchestrator import InferenceError
 from orchestrator.workers import OpenAiWorker
-from orchestrator.workers._http import (
+from orchestrator.workers._wire import (
     MalformedResponse,
     SseDecoder,
     SseEvent,
