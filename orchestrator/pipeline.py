@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 import weakref
 from typing import TYPE_CHECKING, final
 
@@ -284,7 +285,11 @@ class PipelineHandles:
 
     def get(self, request_id: str) -> Ticket | None:
         """The ticket of a request in flight or finished within the retention, else ``None``."""
-        return self._records.get(request_id)
+        ticket = self._records.get(request_id)
+        finished = ticket.finished_at if ticket is not None else None
+        if finished is not None and finished < time.time() - self.config.retention_seconds:
+            return None  # expired while no other request finished to sweep it out
+        return ticket
 
     def _new_ticket(self, request: PromptRequest) -> Ticket:
         if self._closed:

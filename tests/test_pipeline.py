@@ -387,6 +387,16 @@ async def test_get_finds_tickets_and_retention_is_bounded() -> None:
         assert handles.get("no-such-id") is None
 
 
+async def test_retention_expires_by_age_even_when_traffic_stops() -> None:
+    config = PipelineConfig(retention_seconds=0.01)
+    async with spawn_pipeline(EchoWorker.with_delay(0), config) as handles:
+        ticket = await handles.submit(PromptRequest("s", "a"))
+        await ticket.result()
+        assert handles.get(ticket.request_id) is ticket
+        await anyio.sleep(0.02)  # the retention is wall-clock time: let it pass
+        assert handles.get(ticket.request_id) is None
+
+
 async def test_retention_expires_by_age() -> None:
     config = PipelineConfig(retention_seconds=0)
     async with spawn_pipeline(EchoWorker.with_delay(0), config) as handles:
