@@ -31,6 +31,7 @@ logger = logging.getLogger("orchestrator_server.websocket")
 
 _OUTBOX_FRAMES = 1024
 _SLOW_CLIENT = 1008  # policy violation
+_INTERNAL_ERROR = 1011
 
 
 class _Connection:
@@ -125,11 +126,15 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         connection.abandon()
         receiver.cancel()
         sender.cancel()
-        results = await asyncio.gather(sender, receiver, return_exceptions=True)
-        if connection.too_slow or isinstance(results[0], TimeoutError):
+        sent, received = await asyncio.gather(sender, receiver, return_exceptions=True)
+        if connection.too_slow or isinstance(sent, TimeoutError):
             logger.warning("disconnecting a WebSocket client that does not read its frames")
             with contextlib.suppress(RuntimeError, OSError):
                 await websocket.close(_SLOW_CLIENT, "client too slow")
+        elif isinstance(received, Exception):  # a bug: log it, tell the client, no trace
+            logger.error("WebSocket handler failed", exc_info=received)
+            with contextlib.suppress(RuntimeError, OSError):
+                await websocket.close(_INTERNAL_ERROR, "internal server error")
 
 
 async def _receive_loop(connection: _Connection) -> None:
