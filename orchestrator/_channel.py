@@ -11,6 +11,7 @@ import asyncio
 import collections
 from typing import Generic, TypeVar, final
 
+from orchestrator._waiters import Waiters
 from orchestrator.errors import QueueFull
 
 __all__ = ["Channel"]
@@ -28,7 +29,7 @@ class Channel(Generic[T]):
         self.maxsize = maxsize
         self.items: collections.deque[T] = collections.deque()
         self._getter: asyncio.Future[None] | None = None
-        self._putters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._putters = Waiters()
 
     def qsize(self) -> int:
         return len(self.items)
@@ -50,22 +51,14 @@ class Channel(Generic[T]):
     async def put(self, item: T) -> None:
         """Append ``item``, waiting while the channel is full."""
         while len(self.items) >= self.maxsize:
-            fut = asyncio.get_running_loop().create_future()
-            self._putters.append(fut)
-            try:
-                await fut
-            except BaseException:
-                fut.cancel()
-                if not fut.cancelled():  # woken, then cancelled: pass the wake-up on
-                    self._wake_putter()
-                raise
+            await self._putters.wait()
         self.put_nowait(item)
 
     def get_nowait(self) -> T:
         """Take the oldest item (the caller checked ``items`` is not empty)."""
         item = self.items.popleft()
         if self._putters:
-            self._wake_putter()
+            self._putters.wake_one()
         return item
 
     async def wait(self) -> None:
@@ -83,10 +76,3 @@ class Channel(Generic[T]):
         if not self.items:
             await self.wait()
         return self.get_nowait()
-
-    def _wake_putter(self) -> None:
-        while self._putters:
-            fut = self._putters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return

@@ -388,11 +388,16 @@ async def _post_rest(
     return text
 
 
-def store_text(ticket: Ticket, text: Any) -> None:
-    """Keep the Post stage's output."""
-    if type(text) is not str:
-        raise TypeError(f"a post processor returned {type(text).__name__}, expected str")
-    ticket.output = text
+def store_str(attribute: str, hook: str) -> Callable[[Ticket, Any], None]:
+    """A ``store`` keeping a hook's text in ``ticket.<attribute>``; anything else than a
+    ``str`` is the hook's bug (``TypeError``, so the request fails with ``StageError``)."""
+
+    def store(ticket: Ticket, value: Any) -> None:
+        if type(value) is not str:
+            raise TypeError(f"the {hook} returned {type(value).__name__}, expected str")
+        setattr(ticket, attribute, value)
+
+    return store
 
 
 def stream_work(

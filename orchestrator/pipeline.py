@@ -18,7 +18,7 @@ from orchestrator._stages import (
     fail,
     post_work,
     store_completed,
-    store_text,
+    store_str,
     stream_work,
 )
 from orchestrator.config import PipelineConfig
@@ -71,18 +71,6 @@ def _template_work(template: Template) -> Callable[[Ticket], Any]:
         fmt = template.format
         return lambda t: fmt(context=t.context, input=t.request.input)
     return lambda t: template(t.request, t.context)
-
-
-def _store_context(ticket: Ticket, value: Any) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"the retriever returned {type(value).__name__}, expected str")
-    ticket.context = value
-
-
-def _store_prompt(ticket: Ticket, value: Any) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"the template returned {type(value).__name__}, expected str")
-    ticket.prompt = value
 
 
 @final
@@ -163,7 +151,7 @@ class PipelineHandles:
                 self._rag_q,
                 self._assemble_q,
                 _retriever_work(c.retriever),
-                _store_context,
+                store_str("context", "retriever"),
                 n,
             ),
             Stage(
@@ -171,12 +159,17 @@ class PipelineHandles:
                 self._assemble_q,
                 self._inference_q,
                 _template_work(c.template),
-                _store_prompt,
+                store_str("prompt", "template"),
                 n,
             ),
             self._inference,
             Stage(
-                "post", self._post_q, self._stream_q, post_work(c.post_processors), store_text, n
+                "post",
+                self._post_q,
+                self._stream_q,
+                post_work(c.post_processors),
+                store_str("output", "post processor"),
+                n,
             ),
             Stage(
                 "stream",

@@ -8,7 +8,6 @@ low-priority items climb so they cannot starve under sustained high-priority loa
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import enum
 import time
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar, final
 
 import attrs
 
+from orchestrator._waiters import Waiters
 from orchestrator.errors import QueueFull
 
 if TYPE_CHECKING:
@@ -120,8 +120,8 @@ class PriorityQueue(Generic[T]):
         )
         self._size = 0
         self._seq = 0
-        self._getters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._putters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._getters = Waiters()
+        self._putters = Waiters()
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -181,15 +181,7 @@ class PriorityQueue(Generic[T]):
     async def put(self, priority: Priority, item: T) -> None:
         """Queue ``item``, waiting for room when the queue is full (no displacement)."""
         while self._capacity is not None and self._size >= self._capacity:
-            fut = asyncio.get_running_loop().create_future()
-            self._putters.append(fut)
-            try:
-                await fut
-            except BaseException:
-                fut.cancel()
-                if not fut.cancelled():  # woken and cancelled at once: pass the wake on
-                    self._wake(self._putters)
-                raise
+            await self._putters.wait()
         self._append(priority, item)
 
     def _append(self, priority: Priority, item: T) -> None:
@@ -198,7 +190,7 @@ class PriorityQueue(Generic[T]):
         self._levels[priority].append((now, self._seq, item))
         self._size += 1
         if self._getters:
-            self._wake(self._getters)
+            self._getters.wake_one()
 
     def _displace_below(self, priority: Priority) -> tuple[Priority, T] | None:
         for level in reversed(_LEVELS):  # LOW first
@@ -229,7 +221,7 @@ class PriorityQueue(Generic[T]):
         _, _, item = queue.popleft()
         self._size -= 1
         if self._putters:
-            self._wake(self._putters)
+            self._putters.wake_one()
         return level, item
 
     def _aged_choice(self) -> Priority:
@@ -256,15 +248,7 @@ class PriorityQueue(Generic[T]):
     async def get(self) -> tuple[Priority, T]:
         """Take the next item, waiting until there is one."""
         while not self._size:
-            fut = asyncio.get_running_loop().create_future()
-            self._getters.append(fut)
-            try:
-                await fut
-            except BaseException:
-                fut.cancel()
-                if not fut.cancelled():
-                    self._wake(self._getters)
-                raise
+            await self._getters.wait()
         item = self.pop_nowait()
         assert item is not None
         return item
@@ -283,13 +267,5 @@ class PriorityQueue(Generic[T]):
         for _ in removed:
             if not self._putters:
                 break
-            self._wake(self._putters)
+            self._putters.wake_one()
         return removed
-
-    @staticmethod
-    def _wake(waiters: collections.deque[asyncio.Future[None]]) -> None:
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
