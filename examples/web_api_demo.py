@@ -19,8 +19,7 @@ import logging
 
 import attrs
 
-from orchestrator_server import ServerConfig, start_server
-from orchestrator_server._loop import run
+from orchestrator_server import ServerConfig, run_server
 
 
 def main() -> None:
@@ -28,16 +27,7 @@ def main() -> None:
     config = ServerConfig.from_env(worker="echo")
     if config.rate_limit_requests is None:
         config = attrs.evolve(config, rate_limit_requests=100, rate_limit_window=60.0)
-    logging.getLogger("web_api_demo").info(
-        "serving on http://%s:%d (worker: %s, cache: %s, rate limit: %d per %gs)",
-        config.host,
-        config.port,
-        config.worker,
-        "redis" if config.redis_url else f"memory, {config.cache_entries} entries",
-        config.rate_limit_requests,
-        config.rate_limit_window,
-    )
-    run(start_server(config))  # asyncio.run, on uvloop when installed
+    run_server(config)  # logs what it serves; Ctrl-C or SIGTERM drains, then exit status 0
 
 
 if __name__ == "__main__":

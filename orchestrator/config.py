@@ -58,6 +58,11 @@ class PipelineConfig:
     RAG channel makes ``submit`` raise ``Overloaded``. ``max_concurrency`` bounds the worker
     calls in flight; ``stage_concurrency`` the async hook calls in flight per stage.
 
+    ``retriever`` and ``template`` default to the seed's demo (a placeholder context line,
+    ``"{context}\n\nUser Query: {input}\n\nAssistant:"``); for a real model pass
+    ``retriever=None`` (no context) and ``template="{input}"`` (the prompt as is), or
+    your own.
+
     Policies (all off by default): ``rate_limiter`` makes ``submit`` raise ``RateLimited``
     for a session over its budget; ``cache`` answers a repeated request at once and stores
     completed results for ``cache_ttl`` seconds (the key covers the input, the worker's
@@ -83,7 +88,7 @@ class PipelineConfig:
     retention_seconds: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
     retention_max: int = attrs.field(default=10_000, validator=attrs.validators.ge(0))
     priority_aging: float | None = attrs.field(default=None)
-    retriever: Retriever = attrs.field(default=default_retriever)
+    retriever: Retriever | None = attrs.field(default=default_retriever)
     template: Template = attrs.field(default=DEFAULT_TEMPLATE, validator=_check_template)
     post_processors: tuple[PostProcessor, ...] = attrs.field(default=(), converter=_processors)
     sinks: tuple[OutputSink, ...] = attrs.field(default=(), converter=_sinks)

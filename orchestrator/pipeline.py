@@ -62,7 +62,9 @@ def _cache_scope(worker: ModelWorker, config: PipelineConfig) -> str:
     return f"{identity}|{shape}"
 
 
-def _retriever_work(retriever: Retriever) -> Callable[[Ticket], Any]:
+def _retriever_work(retriever: Retriever | None) -> Callable[[Ticket], Any]:
+    if retriever is None:
+        return lambda t: ""
     return lambda t: retriever(t.request)
 
 

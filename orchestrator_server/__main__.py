@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
 import sys
-from typing import TYPE_CHECKING
 
-from orchestrator_server._loop import run
-from orchestrator_server.app import start_server
-from orchestrator_server.config import ServerConfig
-from orchestrator_server.workers import WORKERS, make_worker
+from orchestrator_server import require_server_extra
 
-if TYPE_CHECKING:
-    from types import FrameType
+try:
+    require_server_extra()
+except ModuleNotFoundError as exc:  # main() says it in one line
+    _missing: ModuleNotFoundError | None = exc
+else:
+    _missing = None
+    from orchestrator_server._loop import run
+    from orchestrator_server.app import run_server
+    from orchestrator_server.config import ServerConfig
+    from orchestrator_server.workers import WORKERS, make_worker
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, then serve until SIGINT/SIGTERM (requests in flight drain first)."""
+    if _missing is not None:
+        print(f"orchestrator-server: {_missing}", file=sys.stderr)
+        return 2
     args = _parser().parse_args(argv)
     overrides = {
         key: value
@@ -68,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to our own handlers:
-    # after a clean drain, that means exit status 0.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    with contextlib.suppress(KeyboardInterrupt):
-        run(start_server(config))
+    run_server(config)  # returns after SIGINT/SIGTERM and the drain: exit status 0
     return 0
 
 
@@ -83,10 +84,6 @@ async def _check_worker(name: str) -> None:
     aclose = getattr(worker, "aclose", None)
     if aclose is not None:
         await aclose()
-
-
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
 
 
 if __name__ == "__main__":

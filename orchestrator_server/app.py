@@ -2,150 +2,57 @@
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import math
-import os
-import re
-import time
+import signal
+import threading
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
 from orchestrator import PipelineConfig, PipelineHandles, spawn_pipeline
 from orchestrator.enhanced import CacheLayer, RateLimiter
+from orchestrator.hooks import DEFAULT_TEMPLATE, default_retriever
 from orchestrator_server import routes
-from orchestrator_server.config import ServerConfig
+from orchestrator_server._drain import GRACE, Drain
+from orchestrator_server._loop import run
+from orchestrator_server._middleware import EdgeMiddleware
+from orchestrator_server._protocol import edge_protocol
+from orchestrator_server.config import ServerConfig, default_max_connections, redact_url
 from orchestrator_server.websocket import stream_endpoint
 from orchestrator_server.workers import make_worker
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import AsyncIterator
+    from types import FrameType
 
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["ROUTES", "build_pipeline_config", "create_app", "start_server"]
+__all__ = [
+    "ROUTES",
+    "build_pipeline_config",
+    "create_app",
+    "describe",
+    "run_server",
+    "start_server",
+]
 
-access_logger = logging.getLogger("orchestrator_server.access")
 logger = logging.getLogger("orchestrator_server")
 
 ROUTES = [
     Route("/api/v1/infer", routes.infer, methods=["POST"]),
     Route("/api/v1/status/{request_id}", routes.status, methods=["GET"]),
     Route("/api/v1/result/{request_id}", routes.result, methods=["GET"]),
+    Route("/api/v1/requests/{request_id}", routes.cancel, methods=["DELETE"]),
     WebSocketRoute("/api/v1/stream", stream_endpoint),
     Route("/health", routes.health, methods=["GET"]),
     Route("/metrics", routes.metrics_endpoint, methods=["GET"]),
 ]
-
-_SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-
-
-class _RequestIds:
-    """Unique HTTP request ids without a syscall each: a random per-process prefix and a
-    counter (they trace requests; they guard nothing, unlike pipeline request ids)."""
-
-    def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex()
-        self._count = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}-{next(self._count):x}"
-
-
-class EdgeMiddleware:
-    """The one middleware in front of the routes.
-
-    Gives every HTTP response an ``X-Request-ID`` (the client's, if sane), logs one
-    structured access line per request, answers any escaped error as a JSON 500, and hands
-    requests that carry an ``Origin`` header (browsers) to Starlette's ``CORSMiddleware``;
-    others skip it (it cost more than our whole route), with ``Vary: Origin`` kept.
-    """
-
-    def __init__(
-        self, app: ASGIApp, *, access_log: bool = True, cors_origins: tuple[str, ...] = ("*",)
-    ) -> None:
-        self.app = app
-        self.access_log = access_log
-        self.cors = CORSMiddleware(
-            app,
-            allow_origins=list(cors_origins),
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["*"],
-            expose_headers=[
-                "X-Request-ID",
-                "Retry-After",
-                "X-RateLimit-Limit",
-                "X-RateLimit-Remaining",
-                "X-RateLimit-Reset",
-            ],
-        )
-        self._ids = _RequestIds()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = ""
-        inner = self.app
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _SANE_ID.fullmatch(candidate):
-                    request_id = candidate
-            elif name == b"origin":
-                inner = self.cors
-        request_id = request_id or self._ids.next()
-        extra_headers = (
-            (b"x-request-id", request_id.encode()),
-            (b"vary", b"Origin"),
-        )
-        started = time.perf_counter()
-        status = 500
-        response_started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                response_started = True
-                if inner is self.cors:  # CORS adds its own Vary
-                    message["headers"] = [*message.get("headers", ()), extra_headers[0]]
-                else:
-                    message["headers"] = [*message.get("headers", ()), *extra_headers]
-            await send(message)
-
-        try:
-            await inner(scope, receive, send_with_id)
-        except Exception:
-            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            if not response_started:
-                await routes.error_response(500, "internal server error")(
-                    scope, receive, send_with_id
-                )
-        finally:
-            if self.access_log:
-                client = scope.get("client")
-                access_logger.info(
-                    '%s "%s %s" %d %.2fms id=%s',
-                    client[0] if client else "-",
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    (time.perf_counter() - started) * 1000,
-                    request_id,
-                    extra={
-                        "request_id": request_id,
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "status": status,
-                        "duration_ms": (time.perf_counter() - started) * 1000,
-                    },
-                )
 
 
 async def build_pipeline_config(config: ServerConfig, stack: AsyncExitStack) -> PipelineConfig:
@@ -153,16 +60,27 @@ async def build_pipeline_config(config: ServerConfig, stack: AsyncExitStack) -> 
 
     With ``redis_url`` the response cache and the rate limiter live in Redis (shared by
     every replica); otherwise in this process. The server starts even while Redis is
-    down, degraded (cache misses; rate limits fail open) until it answers: a Redis outage
-    never fails requests, at boot or later. ``stack`` closes what this opens.
+    down, degraded (cache misses; rate limits fail open) until it answers, and says so
+    at once: a Redis outage never fails requests, at boot or later. ``stack`` closes what
+    this opens.
+
+    The echo worker gets the seed's demo prompt (a placeholder context line and template);
+    any other worker gets the user's prompt as is, since the server configures no
+    retriever or template of its own.
     """
     cache: CacheLayer | None = None
     limiter: RateLimiter | None = None
     limit, window = config.rate_limit_requests, config.rate_limit_window
     if config.redis_url:
-        cache = await CacheLayer.new_redis(
-            config.redis_url, default_ttl=config.cache_ttl, ping=False
-        )
+        try:
+            cache = await CacheLayer.new_redis(config.redis_url, default_ttl=config.cache_ttl)
+        except ConnectionError as exc:
+            logger.warning(
+                "%s; serving degraded (cache misses, rate limits allow) until it answers", exc
+            )
+            cache = await CacheLayer.new_redis(
+                config.redis_url, default_ttl=config.cache_ttl, ping=False
+            )
         stack.push_async_callback(cache.aclose)
         if limit is not None:
             limiter = await RateLimiter.new_redis(config.redis_url, limit, window, ping=False)
@@ -172,12 +90,15 @@ async def build_pipeline_config(config: ServerConfig, stack: AsyncExitStack) -> 
             cache = CacheLayer.new_memory(config.cache_entries, default_ttl=config.cache_ttl)
         if limit is not None:
             limiter = RateLimiter(limit, window)
+    seed_demo = config.worker == "echo"
     return PipelineConfig(
         cache=cache,
         cache_ttl=config.cache_ttl,
         rate_limiter=limiter,
         dedup=config.dedup,
         request_timeout=config.timeout_seconds,
+        retriever=default_retriever if seed_demo else None,
+        template=DEFAULT_TEMPLATE if seed_demo else "{input}",
     )
 
 
@@ -201,7 +122,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[routes.AppState]:
         async with AsyncExitStack() as stack:
             if handles is not None:
-                served = handles
+                served, drain = handles, Drain(settings.drain_seconds, None)
             else:
                 worker = make_worker(settings.worker)
                 aclose = getattr(worker, "aclose", None)
@@ -209,8 +130,10 @@ def create_app(
                     stack.push_async_callback(aclose)
                 pipeline = await build_pipeline_config(settings, stack)
                 served = spawn_pipeline(worker, pipeline)
-                stack.push_async_callback(served.shutdown, settings.drain_seconds)
-            yield {"handles": served, "config": settings}
+                drain = Drain(settings.drain_seconds, served.shutdown)
+            app.state.drain = drain  # start_server begins it on SIGTERM
+            await stack.enter_async_context(drain.running())
+            yield {"handles": served, "config": settings, "drain": drain}
 
     middleware = [
         Middleware(
@@ -230,23 +153,105 @@ async def start_server(
 ) -> None:
     """Serve the app with uvicorn until SIGINT/SIGTERM, then drain and return.
 
+    The drain: admission stops at once, requests in flight get ``drain_seconds`` to
+    finish, long-polls still waiting then get a JSON 503, and the pipeline stops. uvicorn's
+    own graceful-shutdown timeout is set past that, so no handler is cut off.
+
     Args:
         config: Where to listen and what to accept; ``ServerConfig.from_env()`` if ``None``.
         handles: A running pipeline to serve (borrowed), or ``None`` to build one.
     """
-    import uvicorn
-
     settings = config if config is not None else ServerConfig.from_env()
     app = create_app(handles, settings)
-    server = uvicorn.Server(
+    max_connections = settings.max_connections or default_max_connections()
+    server = _DrainingServer(
         uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
+            http=edge_protocol(
+                header_timeout=settings.header_timeout, max_connections=max_connections
+            ),
             ws_max_size=4 * settings.max_ws_message_size,
             access_log=False,  # ours is structured and carries the request id
-            timeout_graceful_shutdown=math.ceil(settings.drain_seconds),
+            timeout_keep_alive=max(1, math.ceil(settings.keep_alive_timeout)),
+            timeout_graceful_shutdown=math.ceil(settings.drain_seconds + GRACE) + 2,
             log_config=None,
-        )
+        ),
+        app,
     )
+    logger.info("%s", describe(settings, max_connections, borrowed=handles is not None))
     await server.serve()
+
+
+def run_server(config: ServerConfig | None = None) -> None:
+    """Run the server in the foreground (on uvloop when installed) until SIGINT or SIGTERM,
+    drain as ``start_server`` does, and return normally: a script that ends with it
+    exits with status 0 after Ctrl-C or ``kill``.
+
+    Args:
+        config: Where to listen and what to accept; ``ServerConfig.from_env()`` if ``None``.
+
+    Example:
+        >>> run_server(ServerConfig(port=8080))  # doctest: +SKIP
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = (
+        {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if main
+        else {}
+    )
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run(start_server(config))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    # uvicorn handles the signal while it serves and raises it again once it has drained;
+    # before and after that, SIGTERM stops the process the way Ctrl-C does, quietly.
+    raise KeyboardInterrupt
+
+
+def describe(config: ServerConfig, max_connections: int, *, borrowed: bool) -> str:
+    """The one line the server logs at start: where it listens and what it runs."""
+    if borrowed:
+        pipeline = "a pipeline passed in"
+    else:
+        limit = (
+            f"{config.rate_limit_requests} per {config.rate_limit_window:g}s"
+            if config.rate_limit_requests is not None
+            else "off"
+        )
+        cache = (
+            "redis"
+            if config.redis_url
+            else (f"memory, {config.cache_entries} entries" if config.cache_entries else "off")
+        )
+        pipeline = (
+            f"worker {config.worker}, cache {cache}, rate limit {limit}, "
+            f"dedup {'on' if config.dedup else 'off'}"
+        )
+    redis = redact_url(config.redis_url) if config.redis_url else "none"
+    return (
+        f"serving on http://{config.host}:{config.port} ({pipeline}; redis {redis}; "
+        f"timeout {config.timeout_seconds:g}s, drain {config.drain_seconds:g}s, "
+        f"max connections {max_connections})"
+    )
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, beginning the app's drain the moment it starts shutting down
+    (before it waits for connections), so one drain covers both."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain: Drain | None = getattr(self._app.state, "drain", None)
+        if drain is not None:
+            drain.begin()
+        await super().shutdown(sockets)

@@ -26,6 +26,40 @@ def _positive(_inst: Any, attr: attrs.Attribute[Any], value: float | None) -> No
         raise ValueError(f"{attr.name} must be > 0, got {value!r}")
 
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _redis_url(_inst: Any, _attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not value.startswith(_REDIS_SCHEMES):
+        raise ValueError(
+            "the Redis URL (REDIS_URL) must look like redis://host:6379/0 (or rediss://, "
+            f"unix://), got {redact_url(value)!r}"
+        )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo, if any, replaced by ``***``."""
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, user = head.partition("://")
+    return f"{scheme}{sep}{user.partition(':')[0]}:***@{host}"
+
+
+def default_max_connections() -> int:
+    """Open connections the server allows by default: what the process's descriptor limit
+    leaves after a margin for Redis, upstream workers and files."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1000
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(16, soft - 128)
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """Where the server listens and what it accepts.
@@ -39,7 +73,8 @@ class ServerConfig:
         port: TCP port.
         max_request_size: Largest request body in bytes (413 beyond it).
         max_ws_message_size: Largest WebSocket message in bytes.
-        timeout_seconds: Longest wait of ``GET /api/v1/result/{id}``.
+        timeout_seconds: Longest wait of ``GET /api/v1/result/{id}``, the requests'
+            deadline, and the largest ``timeout`` a body may ask for.
         cors_origins: Allowed origins (``("*",)``: any, as the seed did).
         redis_url: Use Redis for the response cache and rate limits.
         rate_limit_requests: Requests per window per session (``None``: no limit).
@@ -53,6 +88,11 @@ class ServerConfig:
             is disconnected (a slow client never blocks the pipeline).
         access_log: Log one structured line per HTTP request.
         drain_seconds: On SIGTERM/SIGINT, how long requests in flight may take to finish.
+        header_timeout: Seconds a connection may take to send a request's head (request
+            line and headers); then it is answered 408 and closed (slow or silent clients).
+        keep_alive_timeout: Seconds an idle keep-alive connection stays open.
+        max_connections: Open connections at most; one more is answered 503 and closed
+            (``None``: the process's descriptor limit less a margin).
     """
 
     host: str = "0.0.0.0"
@@ -64,7 +104,9 @@ class ServerConfig:
     max_ws_message_size: int = attrs.field(default=1 * MiB, validator=_positive)
     timeout_seconds: float = attrs.field(default=300.0, validator=_positive)
     cors_origins: tuple[str, ...] = attrs.field(default=("*",), converter=_origins)
-    redis_url: str | None = None
+    redis_url: str | None = attrs.field(
+        default=None, validator=_redis_url, repr=lambda url: repr(url and redact_url(url))
+    )
     rate_limit_requests: int | None = attrs.field(default=None, validator=_positive)
     rate_limit_window: float = attrs.field(default=60.0, validator=_positive)
     cache_entries: int = attrs.field(default=10_000, validator=attrs.validators.ge(0))
@@ -74,6 +116,9 @@ class ServerConfig:
     ws_send_timeout: float = attrs.field(default=10.0, validator=_positive)
     access_log: bool = True
     drain_seconds: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    header_timeout: float = attrs.field(default=10.0, validator=_positive)
+    keep_alive_timeout: float = attrs.field(default=5.0, validator=_positive)
+    max_connections: int | None = attrs.field(default=None, validator=_positive)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:

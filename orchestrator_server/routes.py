@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
+import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 import orchestrator
 from orchestrator import (
@@ -23,12 +24,15 @@ from orchestrator import (
     metrics,
 )
 from orchestrator.enhanced.priority import Priority
+from orchestrator_server._json import BadJson, JsonResponse, check_text, loads
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
 
     from starlette.requests import HTTPConnection, Request
+    from starlette.types import Receive
 
+    from orchestrator_server._drain import Drain
     from orchestrator_server.config import ServerConfig
 
 __all__ = [
@@ -36,9 +40,11 @@ __all__ = [
     "AppState",
     "BadRequest",
     "config_of",
+    "drain_of",
     "error_response",
     "handles_of",
     "parse_infer",
+    "parse_json",
     "ticket_body",
 ]
 
@@ -52,33 +58,61 @@ class AppState(TypedDict):
 
     handles: PipelineHandles
     config: ServerConfig
+    drain: Drain
 
 
 class BadRequest(ValueError):
     """The client sent something we cannot use; answered as 400 with the message."""
 
 
+_JSON_TYPES: Final = ("application/json",)
+
+
+def parse_json(raw: bytes | str) -> object:
+    """A client's JSON document (an HTTP body or a WebSocket message).
+
+    Raises:
+        BadRequest: Not JSON, not UTF-8, or nested too deeply to parse.
+    """
+    try:
+        return loads(raw)
+    except BadJson as exc:
+        raise BadRequest(str(exc)) from None
+
+
 class PayloadTooLarge(Exception):
     """The body exceeded ``max_request_size``; answered as 413."""
 
 
-def parse_infer(payload: object, default_session: str) -> tuple[PromptRequest, bool]:
+def parse_infer(
+    payload: object, default_session: str, max_timeout: float
+) -> tuple[PromptRequest, bool]:
     """Validate an infer body (HTTP or WebSocket) into a request and its ``stream`` flag.
+
+    Args:
+        payload: The parsed JSON.
+        default_session: The session of a body without ``session_id``.
+        max_timeout: The largest ``timeout`` (seconds) a body may ask for.
 
     Raises:
         BadRequest: With a message naming the offending field.
     """
     if not isinstance(payload, dict):
         raise BadRequest("the body must be a JSON object")
-    prompt = payload.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise BadRequest("'prompt' must be a non-empty string")
-    session = payload.get("session_id")
-    if session is None:
-        session = default_session
-    elif not isinstance(session, str) or not session or len(session) > _MAX_SESSION_ID:
-        raise BadRequest(f"'session_id' must be a string of 1 to {_MAX_SESSION_ID} characters")
-    meta = _metadata(payload.get("metadata"))
+    try:
+        prompt = payload.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadRequest("'prompt' must be a non-empty string")
+        check_text(prompt, "prompt")
+        session = payload.get("session_id")
+        if session is None:
+            session = default_session
+        elif not isinstance(session, str) or not session or len(session) > _MAX_SESSION_ID:
+            raise BadRequest(f"'session_id' must be a string of 1 to {_MAX_SESSION_ID} characters")
+        check_text(session, "session_id")
+        meta = _metadata(payload.get("metadata"))
+    except BadJson as exc:
+        raise BadRequest(str(exc)) from None
     try:
         Priority.parse(meta.get("priority"))
     except ValueError as exc:
@@ -86,7 +120,8 @@ def parse_infer(payload: object, default_session: str) -> tuple[PromptRequest, b
     stream = payload.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false")
-    return PromptRequest(session=session, input=prompt, meta=meta), stream
+    timeout = _timeout(payload.get("timeout"), max_timeout)
+    return PromptRequest(session=session, input=prompt, meta=meta, timeout=timeout), stream
 
 
 def _metadata(value: object) -> dict[str, str]:
@@ -96,13 +131,23 @@ def _metadata(value: object) -> dict[str, str]:
         raise BadRequest("'metadata' must be an object of strings")
     meta: dict[str, str] = {}
     for key, item in value.items():
+        check_text(key, "metadata")
         if isinstance(item, str):
+            check_text(item, f"metadata.{key}")
             meta[key] = item
         elif isinstance(item, bool | int | float) and item is not None:
             meta[key] = json.dumps(item)
         else:
             raise BadRequest(f"'metadata.{key}' must be a string, number or boolean")
     return meta
+
+
+def _timeout(value: object, limit: float) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= limit:
+        raise BadRequest(f"'timeout' must be a number of seconds > 0 and <= {limit:g}")
+    return float(value)
 
 
 def ticket_body(ticket: Ticket) -> dict[str, Any]:
@@ -118,9 +163,9 @@ def ticket_body(ticket: Ticket) -> dict[str, Any]:
 
 def error_response(
     status_code: int, message: str, headers: Mapping[str, str] | None = None
-) -> JSONResponse:
+) -> JsonResponse:
     """``{"error": message}`` with ``status_code``."""
-    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+    return JsonResponse({"error": message}, status_code=status_code, headers=headers)
 
 
 def handles_of(conn: HTTPConnection) -> PipelineHandles:
@@ -133,6 +178,12 @@ def config_of(conn: HTTPConnection) -> ServerConfig:
     """The server config the lifespan put in the connection's state."""
     config: ServerConfig = conn.scope["state"]["config"]
     return config
+
+
+def drain_of(conn: HTTPConnection) -> Drain:
+    """The server's drain the lifespan put in the connection's state."""
+    drain: Drain = conn.scope["state"]["drain"]
+    return drain
 
 
 def _client_session(request: Request) -> str:
@@ -154,19 +205,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _is_json(content_type: str | None) -> bool:
+    if content_type is None:
+        return False
+    media = content_type.partition(";")[0].strip().lower()
+    return media in _JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def infer(request: Request) -> Response:
     """``POST /api/v1/infer``: submit; answer at once (or stream SSE with ``"stream": true``)."""
     config = config_of(request)
+    if not _is_json(request.headers.get("content-type")):
+        # A browser may POST text/plain cross-origin without a preflight: only JSON is ours.
+        return error_response(415, "the body must be JSON: send Content-Type: application/json")
     try:
         raw = await _read_body(request, config.max_request_size)
     except PayloadTooLarge:
         return error_response(413, f"request body is larger than {config.max_request_size} bytes")
     try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return error_response(400, "the body is not valid JSON")
-    try:
-        prompt_request, stream = parse_infer(payload, _client_session(request))
+        prompt_request, stream = parse_infer(
+            parse_json(raw), _client_session(request), config.timeout_seconds
+        )
     except BadRequest as exc:
         return error_response(400, str(exc))
     ticket = await handles_of(request).submit(prompt_request, stream=stream)
@@ -176,7 +235,7 @@ async def infer(request: Request) -> Response:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return JSONResponse(ticket_body(ticket))
+    return JsonResponse(ticket_body(ticket))
 
 
 def _event(name: str, data: Mapping[str, Any]) -> str:
@@ -207,11 +266,16 @@ def _find(request: Request) -> Ticket:
 
 async def status(request: Request) -> Response:
     """``GET /api/v1/status/{request_id}``: the request as it is now."""
-    return JSONResponse(ticket_body(_find(request)))
+    return JsonResponse(ticket_body(_find(request)))
 
 
 async def result(request: Request) -> Response:
-    """``GET /api/v1/result/{request_id}``: wait (no polling) up to the timeout, then answer."""
+    """``GET /api/v1/result/{request_id}``: wait (no polling) up to the timeout, then answer.
+
+    The wait ends early, and frees everything it holds, when the client disconnects; when
+    the server's drain runs out of time first, the answer is a 503 with the request's id
+    and status (the client may ask again elsewhere).
+    """
     ticket = _find(request)
     limit = config_of(request).timeout_seconds
     raw = request.query_params.get("timeout")
@@ -224,14 +288,50 @@ async def result(request: Request) -> Response:
         if not 0 <= timeout < math.inf:
             return error_response(400, "'timeout' must be a number of seconds >= 0")
         timeout = min(timeout, limit)
-    await ticket.wait(timeout)
-    return JSONResponse(ticket_body(ticket))
+    drain = drain_of(request)
+    if not ticket.done() and timeout > 0:
+        await _wait_while_connected(ticket, timeout, request.receive, drain)
+    if not ticket.done() and drain.over:
+        body = ticket_body(ticket)
+        body["error"] = "the server is shutting down before the request finished: ask again"
+        return JsonResponse(body, status_code=503, headers={"Retry-After": "1"})
+    return JsonResponse(ticket_body(ticket))
+
+
+async def _wait_while_connected(
+    ticket: Ticket, seconds: float, receive: Receive, drain: Drain
+) -> None:
+    """Wait for ``ticket`` at most ``seconds``, and no longer than the client stays
+    connected or the server's drain lasts."""
+    async with anyio.create_task_group() as tg:
+
+        async def watch(until: Any) -> None:
+            await until()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch, lambda: _disconnected(receive))
+        tg.start_soon(watch, drain.wait_over)
+        await ticket.wait(seconds)
+        tg.cancel_scope.cancel()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass  # the (empty) body of the GET
+
+
+async def cancel(request: Request) -> Response:
+    """``DELETE /api/v1/requests/{request_id}``: cancel the request wherever it is (its
+    worker call included) and answer its status; a finished request keeps its own."""
+    ticket = _find(request)
+    await ticket.cancel()
+    return JsonResponse(ticket_body(ticket))
 
 
 async def health(request: Request) -> Response:
     """``GET /health``."""
-    healthy = not handles_of(request).closed
-    return JSONResponse(
+    healthy = not handles_of(request).closed and not drain_of(request).begun
+    return JsonResponse(
         {"status": "healthy" if healthy else "shutting_down", "version": orchestrator.__version__},
         status_code=200 if healthy else 503,
     )

@@ -1,6 +1,7 @@
 """``WS /api/v1/stream``: several requests in flight on one socket, tokens on request.
 
-Client -> server: ``{"prompt", "session_id"?, "metadata"?, "stream"?}``.
+Client -> server: ``{"prompt", "session_id"?, "metadata"?, "stream"?, "timeout"?}``, or
+``{"cancel": "<request_id>"}`` for a request sent on this socket.
 Server -> client: ``{"request_id", "status": "processing"}``, then (with ``"stream": true``)
 ``{"request_id", "status": "streaming", "token"}`` frames, then ``{"request_id",
 "status": "completed", "result"}`` or ``{"request_id", "status": <failed|timeout|cancelled>,
@@ -23,7 +24,13 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from orchestrator import OrchestratorError, RateLimited, Ticket
-from orchestrator_server.routes import BadRequest, config_of, handles_of, parse_infer
+from orchestrator_server.routes import (
+    BadRequest,
+    config_of,
+    handles_of,
+    parse_infer,
+    parse_json,
+)
 
 __all__ = ["stream_endpoint"]
 
@@ -69,10 +76,15 @@ class _Connection:
             self.emit({"error": f"message is larger than {self.config.max_ws_message_size} bytes"})
             return
         try:
-            request, stream = parse_infer(json.loads(text), self.default_session)
-        except ValueError as exc:  # BadRequest, or invalid JSON
-            message = str(exc) if isinstance(exc, BadRequest) else "message is not valid JSON"
-            self.emit({"error": message})
+            payload = parse_json(text)
+            if isinstance(payload, dict) and "cancel" in payload:
+                self.cancel(payload["cancel"])
+                return
+            request, stream = parse_infer(
+                payload, self.default_session, self.config.timeout_seconds
+            )
+        except BadRequest as exc:
+            self.emit({"error": str(exc).replace("the body", "the message")})
             return
         try:
             ticket = await self.handles.submit(request, stream=stream)
@@ -87,6 +99,14 @@ class _Connection:
         task = asyncio.create_task(self.follow(ticket, stream))
         self.followers.add(task)
         task.add_done_callback(self.followers.discard)
+
+    def cancel(self, request_id: object) -> None:
+        """Cancel a request sent on this socket; its final frame says ``cancelled``."""
+        ticket = self.tickets.get(request_id) if isinstance(request_id, str) else None
+        if ticket is None:
+            self.emit({"error": "'cancel' must be the request_id of a request on this socket"})
+            return
+        ticket.cancel_nowait()
 
     async def follow(self, ticket: Ticket, stream: bool) -> None:
         request_id = ticket.request_id

@@ -201,10 +201,15 @@ async def test_rest_errors_over_a_real_socket() -> None:
         httpx.AsyncClient(base_url=base) as client,
     ):
         too_big = await client.post("/api/v1/infer", json={"prompt": "x" * 100})
-        bad = await client.post("/api/v1/infer", content=b"{", headers={"content-type": "x"})
+        bad = await client.post(
+            "/api/v1/infer", content=b"{", headers={"content-type": "application/json"}
+        )
+        plain = await client.post("/api/v1/infer", content=b"{", headers={"content-type": "x"})
         missing = await client.get("/api/v1/status/nope")
-    assert (too_big.status_code, bad.status_code, missing.status_code) == (413, 400, 404)
-    assert all(r.headers["content-type"] == "application/json" for r in (too_big, bad, missing))
+    codes = (too_big.status_code, bad.status_code, plain.status_code, missing.status_code)
+    assert codes == (413, 400, 415, 404)
+    answers = (too_big, bad, plain, missing)
+    assert all(r.headers["content-type"] == "application/json" for r in answers)
 
 
 async def test_shutdown_drains_requests_in_flight() -> None:

@@ -146,7 +146,9 @@ async def test_body_over_the_limit_is_413_while_streaming_without_length() -> No
             yield b"x" * 100
 
     async with client_for(config=config) as (client, _):
-        response = await client.post("/api/v1/infer", content=chunks())
+        response = await client.post(
+            "/api/v1/infer", content=chunks(), headers={"content-type": "application/json"}
+        )
     assert response.status_code == 413
     assert sent < 1000  # refused before the whole body was read
 

@@ -1,0 +1,67 @@
+"""JSON in and out at the edge: what a client sends may be hostile, what we answer must
+always encode. Private.
+
+- ``loads`` turns every way a body can fail to parse (bad syntax, bad UTF-8, nesting so
+  deep the parser recurses out of stack) into ``BadJson`` with a message for the client.
+- ``check_text`` refuses text that cannot be written back as UTF-8 (a lone surrogate,
+  which JSON's ``\\ud800`` escape can smuggle in): what we accept, we can return.
+- ``JsonResponse`` never fails to encode: text with a lone surrogate (a worker or a hook
+  may still produce one) is written with ASCII escapes instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+from starlette.responses import JSONResponse
+
+__all__ = ["BadJson", "JsonResponse", "check_text", "dumps", "loads"]
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+class BadJson(ValueError):
+    """The text is not a JSON document we can use; the message is meant for the client."""
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse a JSON document.
+
+    Raises:
+        BadJson: Not JSON, not UTF-8, or nested too deeply.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadJson("the JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BadJson("the body is not valid JSON") from None
+
+
+def check_text(value: str, field: str) -> None:
+    """Refuse a string holding a lone surrogate (it has no UTF-8 form).
+
+    Raises:
+        BadJson: Naming ``field``.
+    """
+    if not value.isascii() and _SURROGATE.search(value) is not None:
+        raise BadJson(f"'{field}' contains an unpaired UTF-16 surrogate, which is not text")
+
+
+def dumps(content: Any) -> bytes:
+    """Compact UTF-8 JSON; ASCII escapes when the content holds a lone surrogate."""
+    try:
+        return json.dumps(
+            content, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        ).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+class JsonResponse(JSONResponse):
+    """Starlette's ``JSONResponse`` that encodes whatever text it is given."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
