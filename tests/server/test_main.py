@@ -44,3 +44,23 @@ def test_a_password_in_openai_base_url_is_one_redacted_line(
     assert "'http://user:***@127.0.0.1:9/v1'" in err
     assert "OPENAI_API_KEY" in err
     assert "hun" not in err
+
+
+def test_llama_cpp_without_its_url_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    err = refused(capsys, "--worker", "llama_cpp")
+    assert "LLAMA_CPP_URL is not set" in err
+    assert "LLAMA_CPP_URL=http://127.0.0.1:8081" in err
+
+
+def test_a_worker_url_at_the_servers_own_port_is_one_line(
+    worker_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    worker_env.setenv("LLAMA_CPP_URL", "http://localhost:9001")
+    worker_env.setenv("SERVER_PORT", "9001")  # the port the server takes, not its default
+    assert cli.main(["--worker", "llama_cpp"]) == 2
+    _, err = capsys.readouterr()
+    assert err == (
+        "orchestrator-server: worker 'llama_cpp': LLAMA_CPP_URL points at this server "
+        "itself (localhost:9001): set LLAMA_CPP_URL to the model server's URL, or serve on "
+        "another --port\n"
+    )
