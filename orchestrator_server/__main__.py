@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        run(_check_worker(config.worker))
+        run(_check_worker(config))
     except ValueError as exc:
         print(f"orchestrator-server: worker {config.worker!r}: {exc}", file=sys.stderr)
         return 2
@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _check_worker(name: str) -> None:
-    """Build the worker once before serving, so a missing key or model is a one-line
-    error at the prompt, not a traceback from the server's startup."""
-    worker = make_worker(name)
+async def _check_worker(config: ServerConfig) -> None:
+    """Build the worker once before serving, so a missing key or model, or a URL that
+    points at this very server, is a one-line error at the prompt, not a traceback from
+    the server's startup (or a server calling itself)."""
+    worker = make_worker(config.worker, server_address=(config.host, config.port))
     aclose = getattr(worker, "aclose", None)
     if aclose is not None:
         await aclose()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, ClassVar, final
 
+from orchestrator._urls import redact_url
+
 if TYPE_CHECKING:
     import logging
     from collections.abc import Callable
@@ -88,14 +90,6 @@ class Outage:
             self._degraded = 0
 
 
-def _redact(url: str) -> str:
-    head, at, host = url.rpartition("@")
-    if not at:
-        return url
-    scheme, sep, user = head.partition("://")
-    return f"{scheme}{sep}{user.partition(':')[0]}:***@{host}"
-
-
 async def connect_redis(
     url: str | None,
     client: Redis | None,
@@ -147,7 +141,7 @@ async def connect_redis(
         except (RedisError, OSError) as exc:
             if owned:
                 await client.aclose()
-            where = _redact(url) if url is not None else "the given client"
+            where = redact_url(url) if url is not None else "the given client"
             raise ConnectionError(f"Redis at {where} did not answer PING: {exc}") from exc
     return client, owned
 

@@ -12,11 +12,12 @@ import abc
 import json
 import logging
 import warnings
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 import httpx
 
 from orchestrator import metrics
+from orchestrator._urls import redact_url
 from orchestrator.errors import InferenceError
 from orchestrator.workers._wire import (
     JsonObject,
@@ -39,17 +40,36 @@ if TYPE_CHECKING:
 logger = logging.getLogger("orchestrator.workers")
 
 
-def _shown_url(url: str) -> str:
+def _shown_url(url: str, *, key_env: str | None) -> str:
+    """``url`` as errors, logs and ``repr`` show it, once checked: http(s), a host, and no
+    query, fragment or userinfo.
+
+    Credentials in the URL are refused, not hidden: httpx would log them at INFO on every
+    call and send them as Basic auth in place of the worker's key. Messages quote ``url``
+    redacted, whatever is wrong with it.
+    """
+    shown = redact_url(url)
+    key = f"api_key= or {key_env}" if key_env else "api_key="
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
+        if shown != url:  # httpx may quote a piece of the password ("Invalid port: 'hun'")
+            raise ValueError(
+                f"invalid URL {shown!r}, and a URL must not carry a user name or password: "
+                f"pass the key as {key} instead"
+            ) from None
         raise ValueError(f"invalid URL {url!r}: {exc}") from exc
+    if parsed.userinfo:
+        raise ValueError(
+            f"the URL {shown!r} carries a user name or password: pass the key as {key} instead"
+        )
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"the URL must start with http:// or https://, got {url!r}")
-    if parsed.query or parsed.fragment:
-        raise ValueError(f"the URL must not have a query or fragment, got {url!r}")
-    # What we show (errors, logs, repr) leaves out userinfo, where a password may hide.
-    return str(parsed.copy_with(userinfo=b"")).rstrip("/")
+        raise ValueError(f"the URL must start with http:// or https://, got {shown!r}")
+    if parsed.query or parsed.fragment:  # not quoted: a query may hold a key
+        bare = str(parsed.copy_with(query=None, fragment=None))
+        tail = "?..." if parsed.query else "#..."
+        raise ValueError(f"the URL must not have a query or fragment, got {bare + tail!r}")
+    return str(parsed).rstrip("/")
 
 
 class HttpWorker(abc.ABC):
@@ -70,6 +90,7 @@ class HttpWorker(abc.ABC):
     """
 
     _sse_extra_fields: frozenset[str] = frozenset()
+    _key_env: ClassVar[str | None] = None  # where the key may come from, beside api_key=
 
     def __init__(
         self,
@@ -96,7 +117,7 @@ class HttpWorker(abc.ABC):
         self.temperature = temperature
         self.stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         self._base_url = base_url.rstrip("/")
-        self._shown = _shown_url(self._base_url)
+        self._shown = _shown_url(self._base_url, key_env=self._key_env)
         self._settings = {
             "base_url": self._shown,
             **settings,

@@ -73,6 +73,8 @@ class AnthropicWorker(HttpWorker):
         ...         print(await worker.infer("Say hi"))
     """
 
+    _key_env = "ANTHROPIC_API_KEY"
+
     def __init__(
         self,
         *,

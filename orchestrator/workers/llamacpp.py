@@ -57,6 +57,7 @@ class LlamaCppWorker(HttpWorker):
         ...             print(token, end="")
     """
 
+    _key_env = "LLAMA_API_KEY"
     # llama-server reports a failure mid-stream as an "error: {...}" line.
     _sse_extra_fields = frozenset({"error"})
 

@@ -194,6 +194,8 @@ class OpenAiWorker(OpenAiCompatibleWorker):
         ...             print(token, end="")
     """
 
+    _key_env = "OPENAI_API_KEY"
+
     def __init__(
         self,
         *,

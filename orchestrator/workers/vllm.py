@@ -49,6 +49,8 @@ class VllmWorker(OpenAiCompatibleWorker):
         ...         print(await worker.infer("Say hi"))
     """
 
+    _key_env = "VLLM_API_KEY"
+
     def __init__(
         self,
         *,

@@ -19,6 +19,7 @@ from orchestrator.metrics import REGISTRY
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
     from tests.redis_server import RedisServer
 
@@ -333,6 +334,16 @@ async def test_redis_unreachable_at_start_raises_without_leaking_the_password() 
     with pytest.raises(ConnectionError, match="did not answer PING") as info:
         await CacheLayer.new_redis(url, connect_timeout=0.5)
     assert "s3cret" not in str(info.value)
+
+
+async def test_redis_unreachable_socket_raises_without_leaking_the_query_password(
+    tmp_path: Path,
+) -> None:
+    url = f"unix://{tmp_path}/none.sock?db=0&password=s3cret"
+    with pytest.raises(ConnectionError, match="did not answer PING") as info:
+        await CacheLayer.new_redis(url, connect_timeout=0.5)
+    assert "s3cret" not in str(info.value)
+    assert "password=***" in str(info.value)
 
 
 async def test_redis_outage_degrades_to_misses_and_recovers(

@@ -7,7 +7,10 @@ import socket
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+import pytest
 import uvicorn
+
+from tests.workers.conftest import PROVIDER_ENV
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -36,3 +39,11 @@ async def serve(app: Starlette) -> AsyncIterator[str]:
         server.should_exit = True
         await task
         sock.close()
+
+
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No provider or server setting of the developer's own reaches the test: it sets them."""
+    for name in (*PROVIDER_ENV, "ORCHESTRATOR_WORKER", "SERVER_HOST", "SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch

@@ -381,6 +381,27 @@ def test_a_key_no_header_can_carry_is_refused_unseen(provider: Provider, key: st
     assert key not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:hunter2@127.0.0.1:9",
+        "http://:hunter2@127.0.0.1:9",
+        "http://hunter2@127.0.0.1:9",  # a lone user name is often a token
+        "http://user:hun/ter2@127.0.0.1:9",  # invalid, and httpx quotes the port: 'hun'
+        "http://user:hun?ter2@[::1",
+    ],
+)
+def test_credentials_in_the_url_are_refused_unseen(provider: Provider, url: str) -> None:
+    """httpx would log them at INFO on every call and send them as Basic auth in place
+    of the key; a provider echoing that header would show them to API clients."""
+    with pytest.raises(ValueError, match="user name or password") as caught:
+        provider.worker(url)
+    message = str(caught.value)
+    assert "hun" not in message
+    assert "***@" in message
+    assert "pass the key as api_key= or " in message
+
+
 async def test_calls_share_one_pooled_connection(provider: Provider) -> None:
     async with FakeServer(provider.fake()) as server, provider.worker(server.url) as worker:
         await worker.infer("one")
