@@ -5,12 +5,13 @@ deduplication and priorities.
 
     python examples/web_api_demo.py            # or SERVER_PORT=9000 python examples/...
 
-Then, from another shell:
+Then, from another shell, submit a prompt (keeping its request_id) and fetch the result:
 
-    curl -s localhost:8080/api/v1/infer -H 'content-type: application/json' \\
+    ID=$(curl -s localhost:8080/api/v1/infer -H 'content-type: application/json' \\
          -d '{"prompt": "What is the capital of France?", "session_id": "user-123",
-              "metadata": {"priority": "high"}}'
-    curl -s localhost:8080/api/v1/result/<request_id>
+              "metadata": {"priority": "high"}}' \\
+         | python3 -c 'import json, sys; print(json.load(sys.stdin)["request_id"])')
+    curl -s localhost:8080/api/v1/result/$ID
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""The examples run as documented (those that need no key or external model server)."""
+"""The examples run as documented (those that need no key or external model server).
+
+The code blocks of README.md and docs/ are tested in tests/test_docs.py.
+"""
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,25 +45,3 @@ def test_cache_demo_through_redis(redis_url: str) -> None:
     done = run_example("cache_demo.py", REDIS_URL=redis_url)
     assert done.returncode == 0, done.stderr
     assert "backend='redis'" in done.stdout
-
-
-DOCS = EXAMPLES.parent / "docs"
-
-
-@pytest.mark.parametrize(
-    ("page", "block"),
-    [("priority.md", 0), ("cache.md", -1), ("rate-limiting.md", -1)],
-)
-def test_doc_example_runs(page: str, block: int) -> None:
-    """Self-contained examples in docs/ run as printed (defining ``main`` or at top level)."""
-    code = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)[block]
-    if "asyncio.run(" not in code:  # a page that defines main() and leaves running it to you
-        code += "\nimport asyncio\nasyncio.run(main())\n"
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)},
-    )
-    assert done.returncode == 0, done.stderr
