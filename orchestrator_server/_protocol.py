@@ -14,12 +14,14 @@ first request of a connection. Here:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from orchestrator_server._request_ids import next_request_id
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["edge_protocol"]
 

@@ -16,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from orchestrator import PipelineConfig, PipelineHandles, spawn_pipeline
+from orchestrator._urls import redact_url
 from orchestrator.enhanced import CacheLayer, RateLimiter
 from orchestrator.hooks import DEFAULT_TEMPLATE, default_retriever
 from orchestrator_server import routes
@@ -23,7 +24,7 @@ from orchestrator_server._drain import GRACE, Drain
 from orchestrator_server._loop import run
 from orchestrator_server._middleware import EdgeMiddleware
 from orchestrator_server._protocol import edge_protocol
-from orchestrator_server.config import ServerConfig, default_max_connections, redact_url
+from orchestrator_server.config import ServerConfig, default_max_connections
 from orchestrator_server.websocket import stream_endpoint
 from orchestrator_server.workers import make_worker
 

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from orchestrator._urls import redact_url
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -35,15 +37,6 @@ def _redis_url(_inst: Any, _attr: attrs.Attribute[Any], value: str | None) -> No
             "the Redis URL (REDIS_URL) must look like redis://host:6379/0 (or rediss://, "
             f"unix://), got {redact_url(value)!r}"
         )
-
-
-def redact_url(url: str) -> str:
-    """``url`` with the password of its userinfo, if any, replaced by ``***``."""
-    head, at, host = url.rpartition("@")
-    if not at:
-        return url
-    scheme, sep, user = head.partition("://")
-    return f"{scheme}{sep}{user.partition(':')[0]}:***@{host}"
 
 
 def default_max_connections() -> int:

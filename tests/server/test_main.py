@@ -17,10 +17,10 @@ pytestmark = pytest.mark.usefixtures("worker_env")
 
 @pytest.fixture(autouse=True)
 def _never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def start_server(config: ServerConfig) -> None:
+    def run_server(config: ServerConfig) -> None:
         raise AssertionError(f"the server started on port {config.port}")
 
-    monkeypatch.setattr(cli, "start_server", start_server)
+    monkeypatch.setattr(cli, "run_server", run_server)
 
 
 def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
