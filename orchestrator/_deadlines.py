@@ -38,6 +38,7 @@ class Deadlines:
     def add(self, ticket: Ticket, timeout: float, live: int) -> None:
         """Expire ``ticket`` ``timeout`` seconds from now; ``live`` is how many are in flight."""
         when = self._loop.time() + timeout
+        ticket.deadline = when
         bucket = self._buckets.get(timeout)
         if bucket is None:
             bucket = self._buckets[timeout] = collections.deque()

@@ -40,6 +40,21 @@ _FAILED = RequestStatus.FAILED
 _COMPLETED = RequestStatus.COMPLETED
 
 
+def _expired(ticket: Ticket, loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``ticket``'s deadline has passed (then it is expired now)."""
+    if loop.time() < ticket.deadline:
+        return False
+    ticket.expire()
+    return True
+
+
+def _discard(value: Any) -> None:
+    """Close a hook's coroutine that will never run (no 'never awaited' warning)."""
+    close = getattr(value, "close", None)
+    if close is not None:
+        close()
+
+
 def fail(ticket: Ticket, stage: str, error: BaseException) -> None:
     """Fail ``ticket`` with ``error`` and count it."""
     if ticket.finish(_FAILED, error=error):
@@ -123,9 +138,14 @@ class Stage:
                     value = work(ticket)
                     if type(value) is not str and inspect.isawaitable(value):
                         await self._slots.acquire()
+                        if ticket._done:  # finished while we waited for a slot
+                            self._slots.release()
+                            _discard(value)
+                            continue
                         task = asyncio.create_task(self._finish_async(ticket, value, start))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
+                        ticket._task = task  # a timeout or cancel of the ticket ends the hook
                         continue
                     store(ticket, value)
                 except Exception as exc:
@@ -148,12 +168,13 @@ class Stage:
                 return
             finally:
                 self._slots.release()
+                ticket.release_task()
             self._duration.observe(time.perf_counter() - start)
             if not ticket._done:
                 await self.forward(ticket)
         except asyncio.CancelledError:
             if not ticket._done:
-                raise
+                raise  # the pipeline is stopping; it fails the ticket
 
     def _hook_failed(self, ticket: Ticket, exc: Exception) -> None:
         logger.warning("%s hook failed for request %s: %r", self.name, ticket.request_id, exc)
@@ -214,7 +235,7 @@ class InferenceStage:
                 if entry is None:
                     entry = await inbox.get()
                 ticket = entry[1]
-                if ticket._done:
+                if ticket._done or _expired(ticket, loop):
                     continue
                 self.active += 1
                 task = spawn(loop, self._serve(ticket))
@@ -246,6 +267,10 @@ class InferenceStage:
                 waiter.set_result(None)
 
     async def _call(self, ticket: Ticket, me: asyncio.Task[None]) -> None:
+        # Checked here, as the call starts, not only by the deadline timer: a slot serves
+        # queued tickets back to back, with no loop turn in which the timer could run.
+        if _expired(ticket, me.get_loop()):
+            return
         start = time.perf_counter()
         ticket._task = me  # from here, cancelling the ticket cancels this call
         ticket.set_processing()

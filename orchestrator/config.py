@@ -58,6 +58,12 @@ class PipelineConfig:
     RAG channel makes ``submit`` raise ``Overloaded``. ``max_concurrency`` bounds the worker
     calls in flight; ``stage_concurrency`` the async hook calls in flight per stage.
 
+    A finished request stays readable (``get``, the server's status and result routes)
+    for ``retention_seconds``, among the last ``retention_max`` finished, while all of
+    them together hold at most about ``retention_bytes`` (input, result and tokens; the
+    oldest leave first). A finished record keeps only its input, result or error, and its
+    tokens: the context and the assembled prompt are dropped.
+
     ``retriever`` and ``template`` default to the seed's demo (a placeholder context line,
     ``"{context}\n\nUser Query: {input}\n\nAssistant:"``); for a real model pass
     ``retriever=None`` (no context) and ``template="{input}"`` (the prompt as is), or
@@ -87,6 +93,7 @@ class PipelineConfig:
     drain_timeout: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
     retention_seconds: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
     retention_max: int = attrs.field(default=10_000, validator=attrs.validators.ge(0))
+    retention_bytes: int = attrs.field(default=128 * 1024 * 1024, validator=attrs.validators.ge(0))
     priority_aging: float | None = attrs.field(default=None)
     retriever: Retriever | None = attrs.field(default=default_retriever)
     template: Template = attrs.field(default=DEFAULT_TEMPLATE, validator=_check_template)

@@ -119,7 +119,8 @@ class PipelineHandles:
         self._in_flight = 0
         self._drained: asyncio.Future[None] | None = None
         self._records: dict[str, Ticket] = {}
-        self._finished: collections.deque[tuple[float, str]] = collections.deque()
+        self._finished: collections.deque[tuple[float, str, int]] = collections.deque()
+        self._retained_bytes = 0
 
         c = config
         self._rag_q: Channel[Ticket] = Channel(c.rag_capacity)
@@ -324,12 +325,21 @@ class PipelineHandles:
         if self._in_flight == 0 and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         finished = self._finished
-        finished.append((ticket.finished_at, ticket.request_id))  # type: ignore[arg-type]
-        max_count = self.config.retention_max
-        horizon = finished[-1][0] - self.config.retention_seconds
+        size = ticket.retained_bytes
+        finished.append((ticket.finished_at, ticket.request_id, size))  # type: ignore[arg-type]
+        self._retained_bytes += size
+        config = self.config
+        max_count, max_bytes = config.retention_max, config.retention_bytes
+        horizon = finished[-1][0] - config.retention_seconds
         records = self._records
-        while finished and (len(finished) > max_count or finished[0][0] < horizon):
-            records.pop(finished.popleft()[1], None)
+        while finished and (
+            len(finished) > max_count
+            or finished[0][0] < horizon
+            or self._retained_bytes > max_bytes
+        ):
+            _, request_id, size = finished.popleft()
+            self._retained_bytes -= size
+            records.pop(request_id, None)
 
     def _queue_depths(self) -> Iterator[tuple[tuple[str, ...], float]]:
         yield ("rag",), float(self._rag_q.qsize())

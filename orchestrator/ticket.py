@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
+import math
 import time
 from typing import TYPE_CHECKING, final
 
@@ -10,7 +12,7 @@ from orchestrator.errors import RequestCancelled, RequestTimeout
 from orchestrator.types import RequestStatus
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Iterator
 
     from orchestrator.enhanced.priority import Priority
     from orchestrator.types import PromptRequest
@@ -25,6 +27,41 @@ _TIMEOUT = RequestStatus.TIMEOUT
 _CANCELLED = RequestStatus.CANCELLED
 
 _CANCEL_GRACE = 5.0  # seconds cancel() waits for a worker call to unwind
+_COMPACT_AFTER = 64  # tokens: a finished ticket with more keeps them as one string
+_RECORD_OVERHEAD = 512  # bytes a finished ticket costs beyond its text (estimated)
+
+
+@final
+class _TokenLog:
+    """A finished request's tokens as one string and where each ends: replays exactly
+    like the list it replaces, for a fraction of its memory (a Python ``str`` per token
+    costs ~50 bytes beyond its text)."""
+
+    __slots__ = ("_ends", "text")
+
+    def __init__(self, tokens: list[str], result: str | None) -> None:
+        text = "".join(tokens)
+        self.text = result if text == result else text  # share the result when equal
+        ends = array.array("I" if len(text) < 2**32 else "q")
+        end = 0
+        for token in tokens:
+            end += len(token)
+            ends.append(end)
+        self._ends = ends
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self._ends)))
+
+    def __getitem__(self, index: int) -> str:
+        start = self._ends[index - 1] if index else 0
+        return self.text[start : self._ends[index]]
+
+    def nbytes(self, result: str | None) -> int:
+        shared = self.text is result
+        return self._ends.itemsize * len(self._ends) + (0 if shared else len(self.text))
 
 
 def _wake(waiters: list[asyncio.Future[None]] | None) -> None:
@@ -77,6 +114,7 @@ class Ticket:
         "cache_key",
         "context",
         "created_at",
+        "deadline",
         "finished_at",
         "output",
         "priority",
@@ -97,12 +135,13 @@ class Ticket:
         self.output = ""
         self.cache_key: str | None = None
         self.created_at = time.time()
+        self.deadline = math.inf  # the event loop's clock; set when the pipeline accepts it
         self.finished_at: float | None = None
         self._status = _PENDING
         self._done = False
         self._result: str | None = None
         self._error: BaseException | None = None
-        self._tokens: list[str] = []
+        self._tokens: list[str] | _TokenLog = []
         self._done_waiters: list[asyncio.Future[None]] | None = None
         self._token_waiters: list[asyncio.Future[None]] | None = None
         self._on_done = on_done
@@ -237,16 +276,33 @@ class Ticket:
     # -- what the pipeline calls -----------------------------------------------------------
 
     def push_token(self, token: str) -> None:
-        """Append a produced token and wake ``tokens()`` iterators."""
-        self._tokens.append(token)
+        """Append a produced token and wake ``tokens()`` iterators (ignored once finished)."""
+        if self._done:
+            return
+        self._tokens.append(token)  # type: ignore[union-attr]  # a list until finished
         if self._token_waiters:
             _wake(self._token_waiters)
 
     def push_tokens(self, tokens: list[str]) -> None:
-        """Append several tokens at once."""
-        self._tokens.extend(tokens)
+        """Append several tokens at once (ignored once finished)."""
+        if self._done:
+            return
+        self._tokens.extend(tokens)  # type: ignore[union-attr]  # a list until finished
         if self._token_waiters:
             _wake(self._token_waiters)
+
+    @property
+    def retained_bytes(self) -> int:
+        """About how much memory the finished record holds: its input, result, error and
+        tokens (what retention's byte bound counts)."""
+        tokens = self._tokens
+        kept = (
+            tokens.nbytes(self._result)
+            if isinstance(tokens, _TokenLog)
+            else (sum(map(len, tokens)) + 56 * len(tokens))
+        )
+        error = 0 if self._error is None else 256
+        return len(self.request.input) + len(self._result or "") + kept + error + _RECORD_OVERHEAD
 
     def expire(self) -> None:
         """End the request as ``timeout`` (its deadline passed)."""
@@ -268,15 +324,20 @@ class Ticket:
         """
         if self._done:
             return False
-        was = self._status
         self._done = True
         self._status = status
         self._result = result
         self._error = error
         self.finished_at = time.time()
+        # What only the stages needed goes now: a finished record keeps its input, result
+        # or error, and its tokens (compacted), for as long as it is retained.
+        self.context = self.prompt = self.output = ""
+        if len(self._tokens) > _COMPACT_AFTER:
+            self._tokens = _TokenLog(self._tokens, result)  # type: ignore[arg-type]
         task = self._task
-        # A call not started yet sees the ticket finished and never reaches the worker.
-        if task is not None and was is _PROCESSING and task is not asyncio.current_task():
+        # The task working for this ticket (its worker call, or an async hook) ends with
+        # it; a call not started yet sees the ticket finished and never starts.
+        if task is not None and task is not asyncio.current_task():
             task.cancel()
         _wake(self._done_waiters)
         _wake(self._token_waiters)
@@ -286,7 +347,8 @@ class Ticket:
         return True
 
     def release_task(self) -> None:
-        """The worker call for this ticket is over (the task may go on serving others)."""
+        """The task working for this ticket is done with it (a worker slot may go on
+        serving others)."""
         self._task = None
         unwound = self._unwound
         if unwound is not None and not unwound.done():
