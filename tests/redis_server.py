@@ -3,8 +3,9 @@
 Registered in ``tests/conftest.py`` with ``pytest_plugins = ["tests.redis_server"]``.
 
 - ``redis_server`` (session scope): a ``RedisServer`` on a free loopback port, with no
-  persistence; ``server.stopped()`` stops it and starts it again on the same port, for
-  outage tests.
+  persistence; ``server.stopped()`` stops it and starts it again on the same port, and
+  ``server.frozen()`` suspends it (``SIGSTOP``: connections are accepted, nothing is
+  answered) and resumes it, for outage tests.
 - ``redis_url`` (session scope): its URL.
 
 Without a ``redis-server`` binary on ``PATH`` the fixtures use ``$REDIS_URL`` (that server
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -79,6 +81,8 @@ class RedisServer:
         >>> server = RedisServer.start_local()  # doctest: +SKIP
         >>> with server.stopped():  # doctest: +SKIP
         ...     ...  # Redis is down here, back on the same port afterwards
+        >>> with server.frozen():  # doctest: +SKIP
+        ...     ...  # Redis accepts connections here but answers nothing
         >>> server.terminate()  # doctest: +SKIP
     """
 
@@ -184,6 +188,27 @@ class RedisServer:
             yield
         finally:
             self.start()
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Suspend the server (``SIGSTOP``) for the ``with`` block, then resume it (``SIGCONT``).
+
+        A suspended server is the black hole of an outage: the kernel still completes TCP
+        handshakes, but no command is answered, so every call waits for its timeout. Its
+        data survives.
+
+        Raises:
+            RuntimeError: The server is external or not running (tests should skip instead:
+                see ``can_restart``).
+        """
+        process = self._process
+        if process is None or process.poll() is not None:
+            raise RuntimeError("only a running redis-server of our own can be frozen")
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
 
 
 @pytest.fixture(scope="session")

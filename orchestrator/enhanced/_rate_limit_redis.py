@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final, cast, final
 
 from orchestrator.enhanced._rate_limit_local import BucketMath
-from orchestrator.enhanced._redis import RedisClientOwner
+from orchestrator.enhanced._redis import DOWN, RedisClientOwner
 from orchestrator.enhanced.rate_limit import RateDecision
 
 if TYPE_CHECKING:
@@ -67,8 +67,6 @@ class RedisBuckets(BucketMath, RedisClientOwner):
         fail_open: bool,
         outage: Outage,
     ) -> None:
-        from redis.exceptions import RedisError
-
         super().__init__(limit, window)
         self._client = client
         self._prefix = prefix
@@ -77,7 +75,6 @@ class RedisBuckets(BucketMath, RedisClientOwner):
         self._fail_open = fail_open
         self._outage = outage
         self._closed = False
-        self._errors = (RedisError, OSError)
         # EVALSHA, loading the script again on NOSCRIPT (after a server restart).
         self._script = client.register_script(_LUA)
 
@@ -102,17 +99,11 @@ class RedisBuckets(BucketMath, RedisClientOwner):
         """``(True, the script's reply)``, or ``(False, None)`` when Redis is unreachable."""
         if self._closed:
             raise RuntimeError("the rate limiter is closed")
-        if self._outage.skip():
+        reply = await self._outage.call(
+            self._script, keys=[self._prefix + session], args=[self.limit, self._window_ms, take]
+        )
+        if reply is DOWN:
             return False, None
-        try:
-            reply = await self._script(
-                keys=[self._prefix + session], args=[self.limit, self._window_ms, take]
-            )
-        except self._errors as exc:
-            verdict = "allowing" if self._fail_open else "refusing"
-            self._outage.failed(exc, f"{verdict} every request")
-            return False, None
-        self._outage.succeeded()
         return True, reply
 
     async def take(self, session: str) -> bool:

@@ -1,39 +1,82 @@
 """Redis plumbing shared by ``cache`` and ``rate_limit``.
 
-``connect_redis`` makes (or borrows) the client, ``Outage`` keeps the books while the
-server is failing, and ``RedisClientOwner`` closes a client the object created. redis-py
-is imported on use: it is the optional ``redis`` extra.
+``connect_redis`` makes (or borrows) the client, ``Outage`` lets calls through to the
+server and answers ``DOWN`` for it while it is failing, and ``RedisClientOwner`` closes a
+client the object created. redis-py is imported on use: it is the optional ``redis``
+extra.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import time
 import warnings
-from typing import TYPE_CHECKING, ClassVar, final
+from typing import TYPE_CHECKING, ClassVar, Final, ParamSpec, TypeVar, cast, final
 
 from orchestrator._urls import redact_url
 
 if TYPE_CHECKING:
     import logging
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from redis.asyncio import Redis
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+SUSPECT_FRACTION: Final = 0.25
+"""A call unanswered for this part of the command timeout starts an outage.
+
+A healthy Redis answers in well under a millisecond; one that has not answered after a
+quarter of the timeout is failing or frozen, and waiting out the rest would only make
+every other caller wait with it."""
+
+# asyncio runs a timer up to one clock tick early; a moment that close has passed.
+_RESOLUTION: Final = time.get_clock_info("monotonic").resolution
+
+
+class Down(enum.Enum):
+    """What ``Outage.call`` answers instead of the call's result: take the degraded answer."""
+
+    DOWN = enum.auto()
+
+
+DOWN: Final = Down.DOWN
 
 
 @final
 class Outage:
-    """Outage bookkeeping of one Redis-backed object (a cache's or a rate limiter's).
+    """Admission and outage bookkeeping of one Redis-backed object (a cache's or a limiter's).
 
-    Logs one warning when failures start and one info line when a call succeeds again,
-    and while down lets one call per ``probe_interval`` try the server (``skip()`` is
-    true for the others, which take the degraded answer at once). ``log`` is the owner's
-    module logger, so the lines carry the name of the module a user configures.
+    Every call goes through ``call``, which answers ``DOWN`` instead of raising one of
+    ``errors``. While the server is healthy every call goes through, and the calls in
+    flight are watched: an outage starts when one fails, or when the oldest has waited
+    ``suspect_after`` seconds (on the event loop's clock) without an answer. Then the
+    calls in flight are released (each task is cancelled and the cancellation taken back,
+    so the call answers ``DOWN``), except an overdue one, which goes on as the probe.
+    While down, one call at a time is the probe, at most one per ``probe_interval``, and
+    every other call answers ``DOWN`` at once. The first call that succeeds ends it.
+
+    Logs one warning when the outage starts and one info line when a call succeeds again.
+    ``log`` is the owner's module logger, so the lines carry the name of the module a user
+    configures.
     """
 
     __slots__ = (
         "_clock",
+        "_consequence",
         "_degraded",
+        "_errors",
+        "_inflight",
         "_log",
+        "_loop",
         "_next_probe",
+        "_probe",
+        "_released",
+        "_suspect_after",
+        "_timer",
         "_what",
         "down_since",
         "probe_interval",
@@ -42,43 +85,99 @@ class Outage:
     def __init__(
         self,
         what: str,
+        consequence: str,
         probe_interval: float,
         clock: Callable[[], float],
         log: logging.Logger,
+        *,
+        suspect_after: float | None = None,
+        errors: tuple[type[Exception], ...] = (Exception,),
     ) -> None:
         self._what = what
+        self._consequence = consequence
         self._log = log
         self.probe_interval = probe_interval
         self._clock = clock
+        self._suspect_after = suspect_after
+        self._errors = errors
         self.down_since: float | None = None
         self._next_probe = 0.0
         self._degraded = 0
+        # Healthy calls in flight and the loop time each started, oldest first (a dict
+        # keeps insertion order, so the oldest is the first key).
+        self._inflight: dict[asyncio.Task[object], float] = {}
+        self._released: set[asyncio.Task[object]] = set()  # cancelled by us, not taken back
+        self._probe: asyncio.Task[object] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def down(self) -> bool:
         return self.down_since is not None
 
-    def skip(self) -> bool:
-        if self.down_since is None or self._clock() >= self._next_probe:
-            return False
-        self._degraded += 1
-        return True
+    async def call(
+        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T | Down:
+        """``await fn(*args, **kwargs)``, or ``DOWN`` (counted) when the server is failing.
 
-    def failed(self, exc: Exception, consequence: str) -> None:
+        Raises:
+            BaseException: What ``fn`` raised outside ``errors``, and a cancellation from
+                anyone but this object.
+        """
+        task = cast("asyncio.Task[object]", asyncio.current_task())  # awaited, so in a task
+        if self.down_since is not None:
+            if self._probe is not None or self._clock() < self._next_probe:
+                return self._degrade()
+            self._probe = task
+            try:
+                result = await fn(*args, **kwargs)
+            except self._errors as exc:
+                self.failed(exc)
+                return DOWN
+            finally:
+                self._probe = None
+            self.succeeded()
+            return result
+        inflight = self._inflight
+        cancelling = task.cancelling()
+        if self._suspect_after is None:
+            inflight[task] = 0.0
+        else:
+            loop = asyncio.get_running_loop()
+            inflight[task] = now = loop.time()
+            if self._timer is None or self._loop is not loop:
+                self._loop = loop
+                self._timer = loop.call_at(now + self._suspect_after, self._check)
+        try:
+            result = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            if self._take_back(task, cancelling):
+                return self._degrade()
+            raise
+        except self._errors as exc:
+            inflight.pop(task, None)  # failed() releases the calls in flight: not this one
+            self.failed(exc)
+            return DOWN
+        finally:
+            inflight.pop(task, None)
+            if self._probe is task:  # the overdue call that became the probe
+                self._probe = None
+            if self._released:
+                self._take_back(task, cancelling)
+        if self.down_since is not None:
+            self.succeeded()
+        return result
+
+    def failed(self, exc: Exception) -> None:
+        """Count a call that failed with ``exc``: the outage starts, or goes on."""
         now = self._clock()
         self._next_probe = now + self.probe_interval
         self._degraded += 1
         if self.down_since is None:
-            self.down_since = now
-            self._log.warning(
-                "%s is unavailable, %s until it answers: %s: %s",
-                self._what,
-                consequence,
-                type(exc).__name__,
-                exc,
-            )
+            self._begin(now, f"{type(exc).__name__}: {exc}")
 
     def succeeded(self) -> None:
+        """A call was answered: the outage, if any, is over."""
         if self.down_since is not None:
             self._log.info(
                 "%s answers again after %.1fs (%d calls degraded)",
@@ -88,6 +187,49 @@ class Outage:
             )
             self.down_since = None
             self._degraded = 0
+
+    def _degrade(self) -> Down:
+        self._degraded += 1
+        return DOWN
+
+    def _begin(self, now: float, why: str) -> None:
+        self.down_since = now
+        self._next_probe = now + self.probe_interval
+        self._log.warning(
+            "%s is unavailable, %s until it answers: %s", self._what, self._consequence, why
+        )
+        inflight = self._inflight
+        for task in inflight:
+            task.cancel()
+        self._released.update(inflight)
+        inflight.clear()
+
+    def _take_back(self, task: asyncio.Task[object], cancelling: int) -> bool:
+        """Whether ``task`` was released; if so, withdraw its cancellation request.
+
+        ``False`` also when someone else cancelled the task meanwhile: that cancellation
+        stands (``Task.uncancel`` counts requests, as ``asyncio.timeout`` does).
+        """
+        released = self._released
+        if task not in released:
+            return False
+        released.discard(task)
+        return task.uncancel() <= cancelling
+
+    def _check(self) -> None:
+        # One timer for the oldest call in flight, armed by a call when none is and re-armed
+        # here for the next oldest: a timer handle per call would cost more than the rest.
+        self._timer = None
+        inflight, loop, after = self._inflight, self._loop, self._suspect_after
+        if not inflight or loop is None or after is None:
+            return
+        oldest, since = next(iter(inflight.items()))
+        if loop.time() + _RESOLUTION < since + after:
+            self._timer = loop.call_at(since + after, self._check)
+            return
+        del inflight[oldest]  # it goes on waiting, as the probe
+        self._probe = oldest
+        self._begin(self._clock(), f"no answer within {after:g}s")
 
 
 async def connect_redis(

@@ -7,11 +7,16 @@ Redis backend lets Redis expire entries (``SET ... PX``) and shares them across 
 
 A cache is an optimisation, so a Redis outage never fails a caller: ``get`` answers a miss,
 ``set`` and ``delete`` are skipped, each counted in ``orchestrator_cache_errors_total``.
-One warning is logged when the outage starts and one info line when Redis answers again;
-while it is down, at most one call per ``probe_interval`` tries Redis (the others degrade
-at once, so a black-holed server costs one timeout per interval, not one per request).
-redis-py drops a failed connection and reconnects on next use, so the cache recovers by
-itself.
+The outage starts at the first call that fails, or as soon as a call has waited a quarter
+of ``command_timeout`` without an answer (a frozen or black-holed server accepts
+connections and answers nothing). Then the calls waiting on Redis are released with the
+degraded answer, all but that overdue call, which goes on waiting as the probe; after it,
+one call per ``probe_interval`` probes, and only while no other probe is out. Every other
+call degrades at once, so a caller waits at most a quarter of the timeout and only the
+probe waits it out. The first call that succeeds ends the outage, and every call goes to
+Redis again. One warning is logged when the outage starts and one info line when Redis
+answers again. redis-py drops a failed connection and reconnects on next use, so the
+cache recovers by itself.
 """
 
 from __future__ import annotations
@@ -20,26 +25,35 @@ import hashlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Final, Protocol, final
+from typing import TYPE_CHECKING, Final, ParamSpec, Protocol, TypeVar, final
 
 import attrs
 import cachetools
 
 from orchestrator import metrics
-from orchestrator.enhanced._redis import Outage, RedisClientOwner, connect_redis
+from orchestrator.enhanced._redis import (
+    DOWN,
+    SUSPECT_FRACTION,
+    Outage,
+    RedisClientOwner,
+    connect_redis,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
     from types import TracebackType
     from typing import Self
 
     from redis.asyncio import Redis
 
+    from orchestrator.enhanced._redis import Down
     from orchestrator.metrics import CounterCell
 
 __all__ = ["CacheBackend", "CacheLayer", "CacheStats", "cache_key"]
 
 logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _KEY_PREFIX: Final = "prompt:"
 _PARTS_MARK: Final = b"\xff"  # never occurs in UTF-8, so it ends the prompt unambiguously
@@ -138,7 +152,8 @@ class CacheLayer:
         backend: Where entries live.
         default_ttl: Seconds an entry lives when ``set`` gets no ``ttl_seconds``
             (``None``: no expiry).
-        probe_interval: While the backend is failing, seconds between calls that try it.
+        probe_interval: While the backend is failing, seconds between calls that try it
+            (one at a time; the others degrade at once).
         clock: Monotonic seconds, for ``probe_interval``.
 
     Example:
@@ -158,6 +173,8 @@ class CacheLayer:
     _miss_cell: CounterCell = attrs.field(init=False)
     _error_cell: CounterCell = attrs.field(init=False)
     _outage: Outage = attrs.field(init=False)
+    _local: bool = attrs.field(init=False)  # the memory backend
+    _direct: bool = attrs.field(init=False)  # open, local and up: call the backend directly
     _hits: int = attrs.field(default=0, init=False)
     _misses: int = attrs.field(default=0, init=False)
     _errors: int = attrs.field(default=0, init=False)
@@ -165,8 +182,21 @@ class CacheLayer:
 
     def __attrs_post_init__(self) -> None:
         _check_ttl(self.default_ttl)
-        name = self._backend.name
-        self._outage = Outage(f"cache backend {name}", self.probe_interval, self._clock, logger)
+        backend = self._backend
+        name = backend.name
+        # A remote call may hang until its timeout, so each one goes through the outage
+        # (which releases the waiting calls when one fails, or, for Redis, when one has
+        # waited too long); the memory backend is called directly while it works.
+        suspect_after = backend.suspect_after if isinstance(backend, _RedisBackend) else None
+        self._local = self._direct = isinstance(backend, _MemoryBackend)
+        self._outage = Outage(
+            f"cache backend {name}",
+            "serving misses",
+            self.probe_interval,
+            self._clock,
+            logger,
+            suspect_after=suspect_after,
+        )
         self._hit_cell = metrics.CACHE_HITS.labels(name)
         self._miss_cell = metrics.CACHE_MISSES.labels(name)
         self._error_cell = metrics.CACHE_ERRORS.labels(name)
@@ -221,11 +251,13 @@ class CacheLayer:
             default_ttl: Seconds an entry lives when ``set`` gets no ``ttl_seconds``.
             connect_timeout: Seconds to open a connection.
             command_timeout: Seconds for one command, and to wait for a free pooled
-                connection.
+                connection. A call unanswered for a quarter of it starts an outage
+                (with a borrowed client too, whatever its own timeouts).
             max_connections: Size of the connection pool the cache creates.
             probe_interval: While Redis is failing, seconds between calls that try it.
             ping: Check that the server answers before returning.
-            clock: Monotonic seconds, for ``probe_interval``.
+            clock: Monotonic seconds, for ``probe_interval`` (the quarter of
+                ``command_timeout`` is timed on the event loop's clock, like the timeout).
 
         Raises:
             ValueError: Neither or both of ``url`` and ``client``, or a bad URL or value.
@@ -239,7 +271,9 @@ class CacheLayer:
             max_connections=max_connections,
             ping=ping,
         )
-        backend = _RedisBackend(client, prefix, owned=owned)
+        backend = _RedisBackend(
+            client, prefix, owned=owned, suspect_after=command_timeout * SUSPECT_FRACTION
+        )
         return cls(backend, default_ttl=default_ttl, probe_interval=probe_interval, clock=clock)
 
     # -- operations --------------------------------------------------------------------------
@@ -255,15 +289,17 @@ class CacheLayer:
         Raises:
             RuntimeError: The cache is closed.
         """
-        if (self._closed or self._outage.down_since is not None) and self._skip():
-            return None
-        try:
-            value = await self._backend.get(key)
-        except Exception as exc:
-            self._failed(exc)
-            return None
-        if self._outage.down_since is not None:
-            self._outage.succeeded()
+        if self._direct:  # the memory backend, open and answering: nothing to watch
+            try:
+                value = await self._backend.get(key)
+            except Exception as exc:
+                self._failed(exc)
+                return None
+        else:
+            answer = await self._guarded(self._backend.get, key)
+            if answer is DOWN:
+                return None
+            value = answer
         if value is None:
             self._misses += 1
             self._miss_cell.inc()
@@ -286,17 +322,14 @@ class CacheLayer:
             RuntimeError: The cache is closed.
         """
         _check_ttl(ttl_seconds)
-        if (self._closed or self._outage.down_since is not None) and self._skip():
+        ttl = self.default_ttl if ttl_seconds is None else ttl_seconds
+        if not self._direct:
+            await self._guarded(self._backend.set, key, value, ttl)
             return
         try:
-            await self._backend.set(
-                key, value, self.default_ttl if ttl_seconds is None else ttl_seconds
-            )
+            await self._backend.set(key, value, ttl)
         except Exception as exc:
             self._failed(exc)
-            return
-        if self._outage.down_since is not None:
-            self._outage.succeeded()
 
     def set_nowait(self, key: str, value: str, ttl_seconds: float | None = None) -> bool:
         """``set`` without awaiting, when the backend lives in this process.
@@ -326,15 +359,13 @@ class CacheLayer:
         Raises:
             RuntimeError: The cache is closed.
         """
-        if (self._closed or self._outage.down_since is not None) and self._skip():
+        if not self._direct:
+            await self._guarded(self._backend.delete, key)
             return
         try:
             await self._backend.delete(key)
         except Exception as exc:
             self._failed(exc)
-            return
-        if self._outage.down_since is not None:
-            self._outage.succeeded()
 
     def stats(self) -> CacheStats:
         """This cache's hits, misses and errors so far, and its live entries when known."""
@@ -348,13 +379,14 @@ class CacheLayer:
 
     @property
     def available(self) -> bool:
-        """False from a backend failure until the next call that succeeds."""
+        """False from the start of an outage until the next call that succeeds."""
         return not self._outage.down
 
     async def aclose(self) -> None:
         """Close what the cache owns (idempotent)."""
         if not self._closed:
             self._closed = True
+            self._direct = False
             await self._backend.aclose()
 
     async def __aenter__(self) -> Self:
@@ -370,20 +402,25 @@ class CacheLayer:
 
     # -- outage bookkeeping ------------------------------------------------------------------
 
-    def _skip(self) -> bool:
-        # Called only when closed or down, so the common path costs one test.
+    async def _guarded(
+        self, op: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T | Down:
+        # Every call while closed or down, and every call to a remote backend; the memory
+        # backend goes back to the direct path once a call succeeds.
         if self._closed:
             raise RuntimeError("the cache is closed")
-        if not self._outage.skip():
-            return False
-        self._errors += 1
-        self._error_cell.inc()
-        return True
+        answer = await self._outage.call(op, *args, **kwargs)
+        if answer is DOWN:
+            self._errors += 1
+            self._error_cell.inc()
+        self._direct = self._local and not self._closed and not self._outage.down
+        return answer
 
     def _failed(self, exc: Exception) -> None:
         self._errors += 1
         self._error_cell.inc()
-        self._outage.failed(exc, "serving misses")
+        self._outage.failed(exc)
+        self._direct = False
 
 
 @final
@@ -439,18 +476,19 @@ class _MemoryBackend:
 class _RedisBackend(RedisClientOwner):
     """Entries as Redis strings under ``prefix + key``, expired by Redis (``PX``)."""
 
-    __slots__ = ("_client", "_closed", "_owned", "_prefix")
+    __slots__ = ("_client", "_closed", "_owned", "_prefix", "suspect_after")
 
     name: Final = "redis"
     _unclosed_warning = (
         "CacheLayer on Redis was not closed: use `async with` or `await cache.aclose()`"
     )
 
-    def __init__(self, client: Redis, prefix: str, *, owned: bool) -> None:
+    def __init__(self, client: Redis, prefix: str, *, owned: bool, suspect_after: float) -> None:
         self._client = client
         self._prefix = prefix
         self._owned = owned
         self._closed = False
+        self.suspect_after = suspect_after  # read by the cache's Outage
 
     async def get(self, key: str) -> str | None:
         raw: bytes | str | None = await self._client.get(self._prefix + key)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol, final
 import attrs
 
 from orchestrator import metrics
-from orchestrator.enhanced._redis import Outage, connect_redis
+from orchestrator.enhanced._redis import SUSPECT_FRACTION, Outage, connect_redis
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -220,11 +220,15 @@ class RateLimiter:
                 refuse it with ``retry_after=probe_interval`` (``False``).
             connect_timeout: Seconds to open a connection.
             command_timeout: Seconds for one check, and to wait for a pooled connection.
+                A check unanswered for a quarter of it starts an outage (with a borrowed
+                client too).
             max_connections: Size of the connection pool the limiter creates.
-            probe_interval: While Redis is failing, seconds between checks that try it
-                (the others take the ``fail_open`` answer at once).
+            probe_interval: While Redis is failing, seconds between checks that try it,
+                one at a time (the others take the ``fail_open`` answer at once, the
+                checks already waiting included).
             ping: Check that the server answers before returning.
-            clock: Monotonic seconds, for ``probe_interval`` only.
+            clock: Monotonic seconds, for ``probe_interval`` only (the quarter of
+                ``command_timeout`` is timed on the event loop's clock, like the timeout).
 
         Raises:
             ValueError: Invalid arguments, or neither or both of ``url`` and ``client``.
@@ -243,6 +247,17 @@ class RateLimiter:
             max_connections=max_connections,
             ping=ping,
         )
+        from redis.exceptions import RedisError  # installed: connect_redis checked
+
+        outage = Outage(
+            "rate limiter's Redis",
+            f"{'allowing' if fail_open else 'refusing'} every request",
+            probe_interval,
+            clock,
+            logger,
+            suspect_after=command_timeout * SUSPECT_FRACTION,
+            errors=(RedisError, OSError),
+        )
         buckets = RedisBuckets(
             redis_client,
             prefix,
@@ -250,7 +265,7 @@ class RateLimiter:
             window_secs,
             owned=owned,
             fail_open=fail_open,
-            outage=Outage("rate limiter's Redis", probe_interval, clock, logger),
+            outage=outage,
         )
         return cls._of(buckets)
 

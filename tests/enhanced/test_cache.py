@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
+import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import attrs
@@ -18,12 +20,13 @@ from orchestrator.enhanced.cache import CacheLayer, CacheStats, cache_key
 from orchestrator.metrics import REGISTRY
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
     from pathlib import Path
 
     from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
+T = TypeVar("T")
 
 
 class FakeClock:
@@ -92,6 +95,22 @@ def sample(name: str, backend: str) -> float:
     return (
         REGISTRY.get_sample_value(f"orchestrator_cache_{name}_total", {"backend": backend}) or 0.0
     )
+
+
+async def concurrently(n: int, call: Callable[[], Awaitable[T]]) -> list[tuple[float, T]]:
+    """Start ``n`` calls at once: each one's (seconds it took, answer), in finishing order."""
+    done: list[tuple[float, T]] = []
+
+    async def one() -> None:
+        start = time.monotonic()
+        answer = await call()
+        done.append((time.monotonic() - start, answer))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(one)
+    return done
 
 
 async def eventually_missing(cache: CacheLayer, key: str) -> None:
@@ -271,11 +290,173 @@ async def test_memory_entries_do_not_count_expired_ones(clock: FakeClock) -> Non
     assert cache.stats() == CacheStats(backend="memory", hits=0, misses=0, errors=0, entries=1)
 
 
+async def test_memory_backend_failing_degrades_and_recovers(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = CacheLayer.new_memory(10, clock=clock)
+    await cache.set("k", "v")
+    working = cache_module._MemoryBackend.get
+
+    async def failing(self: object, key: str) -> str | None:
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(cache_module._MemoryBackend, "get", failing)
+    assert await cache.get("k") is None
+    assert not cache.available
+    monkeypatch.setattr(cache_module._MemoryBackend, "get", working)
+    assert await cache.get("k") is None  # within probe_interval: not tried
+    clock.advance(1)
+    assert await cache.get("k") == "v"  # the probe
+    assert cache.available
+    assert await cache.get("k") == "v"
+    assert cache.stats().errors == 2
+
+
 def test_memory_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="max_entries"):
         CacheLayer.new_memory(0)
     with pytest.raises(ValueError, match="ttl"):
         CacheLayer.new_memory(1, default_ttl=0)
+
+
+# -- outages, over a backend of one's own --------------------------------------------------------
+
+
+class GateBackend:
+    """A backend of one's own: a call raises ``fail()`` if set, else waits for ``gate``."""
+
+    name = "gate"
+
+    def __init__(self) -> None:
+        self.gate = anyio.Event()
+        self.fail: Callable[[], Exception] | None = None
+        self.calls = 0
+
+    async def get(self, key: str) -> str | None:
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail()
+        await self.gate.wait()
+        return "v"
+
+    async def set(self, key: str, value: str, ttl_seconds: float | None) -> None:
+        await self.get(key)
+
+    async def delete(self, key: str) -> None:
+        await self.get(key)
+
+    def entries(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        pass
+
+
+def broken() -> Exception:
+    return ConnectionError("backend down")
+
+
+async def test_a_down_backend_is_probed_by_one_call_at_a_time(clock: FakeClock) -> None:
+    backend = GateBackend()
+    cache = CacheLayer(backend, probe_interval=0, clock=clock)
+    backend.fail = broken
+    assert await cache.get("k") is None  # fails: the outage begins
+    backend.fail = None
+    answers: list[str | None] = []
+
+    async def get() -> None:
+        answers.append(await cache.get("k"))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(get)
+            await anyio.wait_all_tasks_blocked()
+            assert backend.calls == 2  # the probe waits; nobody else asked the backend
+            assert answers == [None] * 49
+            backend.gate.set()
+    assert answers[-1] == "v"
+    assert cache.available
+    assert cache.stats().errors == 50
+    await cache.set("k", "w")  # direct again, no probe
+    assert backend.calls == 3
+
+
+async def test_calls_waiting_when_an_outage_starts_are_released(clock: FakeClock) -> None:
+    backend = GateBackend()
+    cache = CacheLayer(backend, clock=clock)
+    released: list[tuple[str | None, int]] = []
+
+    async def waiting() -> None:
+        answer = await cache.get("k")
+        task = asyncio.current_task()
+        assert task is not None
+        released.append((answer, task.cancelling()))  # our cancellation was taken back
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(waiting)
+            await anyio.wait_all_tasks_blocked()
+            backend.fail = broken
+            assert await cache.get("k") is None  # this failure starts the outage
+            backend.fail = None
+        # Released at once, while the gate stays shut.
+    assert released == [(None, 0)] * 3
+    assert not cache.available
+    assert cache.stats().errors == 4
+    assert backend.calls == 4
+    clock.advance(1)  # the probe interval
+    backend.gate.set()
+    assert await cache.get("k") == "v"
+    assert cache.available
+
+
+async def test_a_released_call_cancelled_by_its_caller_stays_cancelled(
+    clock: FakeClock,
+) -> None:
+    backend = GateBackend()
+    cache = CacheLayer(backend, clock=clock)
+    scope = anyio.CancelScope()
+    outcome: list[object] = []
+
+    async def waiting() -> None:
+        with scope:
+            outcome.append(await cache.get("k"))
+        task = asyncio.current_task()
+        assert task is not None
+        outcome.append((scope.cancelled_caught, task.cancelling()))
+
+    def cancel_and_fail() -> Exception:
+        scope.cancel()  # the caller's cancellation lands together with the release
+        return broken()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiting)
+            await anyio.wait_all_tasks_blocked()
+            backend.fail = cancel_and_fail
+            assert await cache.get("k") is None  # starts the outage: releases the waiting call
+    assert outcome == [(True, 0)]  # cancelled, not answered a miss
+
+
+async def test_a_cancelled_probe_lets_the_next_call_probe(clock: FakeClock) -> None:
+    backend = GateBackend()
+    cache = CacheLayer(backend, probe_interval=0, clock=clock)
+    backend.fail = broken
+    assert await cache.get("k") is None
+    backend.fail = None
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.get, "k")  # the probe, waiting at the gate
+            await anyio.wait_all_tasks_blocked()
+            assert await cache.get("k") is None  # not the probe: degraded at once
+            tg.cancel_scope.cancel()
+        assert backend.calls == 2
+        backend.gate.set()
+        assert await cache.get("k") == "v"  # the slot is free again: this call probes
+    assert backend.calls == 3
+    assert cache.available
 
 
 # -- redis --------------------------------------------------------------------------------------
@@ -396,3 +577,74 @@ async def test_redis_outage_probes_once_per_interval(
         await cache.set("k", "v2")
         assert await cache.get("k") == "v2"
         assert cache.stats().errors == 2
+
+
+async def test_redis_concurrent_calls_go_through_while_it_answers(
+    redis_url: str, prefix: str
+) -> None:
+    async with await CacheLayer.new_redis(redis_url, prefix=prefix) as cache:
+        await cache.set("k", "v")
+        answers = await concurrently(200, lambda: cache.get("k"))
+        assert [answer for _, answer in answers] == ["v"] * 200
+        assert cache.stats().errors == 0
+
+
+async def test_redis_frozen_only_the_probe_waits(
+    redis_server: RedisServer, prefix: str, clock: FakeClock
+) -> None:
+    if not redis_server.can_restart:
+        pytest.skip("an external Redis (REDIS_URL) cannot be frozen by the tests")
+    timeout = 0.5
+    async with await CacheLayer.new_redis(
+        redis_server.url, prefix=prefix, command_timeout=timeout, probe_interval=5, clock=clock
+    ) as cache:
+        await cache.set("k", "v")
+        with redis_server.frozen():
+            # Nothing is known yet: the calls go to Redis until one has waited too long.
+            first = await concurrently(200, lambda: cache.get("k"))
+            assert not cache.available
+            clock.advance(5)  # one call probes; the others do not wait for it
+            second = await concurrently(200, lambda: cache.get("k"))
+        for wave in (first, second):
+            assert [answer for _, answer in wave] == [None] * 200
+            waited = [took for took, _ in wave if took > timeout / 2]
+            assert 1 <= len(waited) <= 2, sorted(took for took, _ in wave)[-5:]
+        assert cache.stats().errors == 400  # each call degraded, and counted, once
+        assert await cache.get("k") is None  # resumed, but no call tries it until the interval
+        clock.advance(5)
+        assert await cache.get("k") == "v"  # the probe: the server kept its data
+        assert cache.available
+        await cache.set("k", "w")
+        assert await cache.get("k") == "w"
+
+
+async def test_redis_answering_late_ends_the_outage(
+    redis_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not redis_server.can_restart:
+        pytest.skip("an external Redis (REDIS_URL) cannot be frozen by the tests")
+    caplog.set_level(logging.INFO, logger=cache_module.__name__)
+    async with await CacheLayer.new_redis(
+        redis_server.url, prefix=prefix, command_timeout=1.0
+    ) as cache:
+        await cache.set("k", "v")
+        late: list[str | None] = []
+
+        async def first() -> None:
+            late.append(await cache.get("k"))
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                with redis_server.frozen():
+                    tg.start_soon(first)
+                    await anyio.wait_all_tasks_blocked()  # its GET is sent
+                    assert await cache.get("k") is None  # released after 0.25 s
+                    assert not cache.available
+                # Resumed within the first call's timeout: it gets its answer.
+        assert late == ["v"]
+        assert cache.available
+        assert await cache.get("k") == "v"
+    records = [r for r in caplog.records if r.name == cache_module.__name__]
+    assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
+    assert "no answer within 0.25s" in records[0].getMessage()
+    assert "1 calls degraded" in records[1].getMessage()

@@ -7,7 +7,7 @@ import math
 import time
 import tracemalloc
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import attrs
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
+T = TypeVar("T")
 
 
 class SkewedLoop(asyncio.SelectorEventLoop):
@@ -115,6 +116,22 @@ def local(request: pytest.FixtureRequest) -> Case:
         return RateLimiter.new_governor(n, window)
 
     return Case("governor", make_governor, advance_loop)
+
+
+async def concurrently(n: int, call: Callable[[], Awaitable[T]]) -> list[tuple[float, T]]:
+    """Start ``n`` calls at once: each one's (seconds it took, answer), in finishing order."""
+    done: list[tuple[float, T]] = []
+
+    async def one() -> None:
+        start = time.monotonic()
+        answer = await call()
+        done.append((time.monotonic() - start, answer))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(one)
+    return done
 
 
 def decisions(decision: str) -> float:
@@ -402,6 +419,41 @@ async def test_redis_outage_follows_fail_open_and_recovers(
     records = [r for r in caplog.records if r.name == rate_limit_module.__name__]
     assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
     assert ("allowing" if fail_open else "refusing") in records[0].getMessage()
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_redis_frozen_only_the_probe_waits(
+    redis_server: RedisServer, prefix: str, fail_open: bool
+) -> None:
+    if not redis_server.can_restart:
+        pytest.skip("an external Redis (REDIS_URL) cannot be frozen by the tests")
+    timeout, clock = 0.5, FakeClock()
+    async with await RateLimiter.new_redis(
+        redis_server.url,
+        1000,
+        60,
+        prefix=prefix,
+        fail_open=fail_open,
+        command_timeout=timeout,
+        probe_interval=5,
+        clock=clock,
+    ) as limiter:
+        assert await limiter.check("s")
+        with redis_server.frozen():
+            # Nothing is known yet: the checks go to Redis until one has waited too long.
+            first = await concurrently(200, lambda: limiter.decide("s"))
+            clock.advance(5)  # one check probes; the others do not wait for it
+            second = await concurrently(200, lambda: limiter.decide("s"))
+        for wave in (first, second):
+            assert {decision.allowed for _, decision in wave} == {fail_open}
+            waited = [took for took, _ in wave if took > timeout / 2]
+            assert 1 <= len(waited) <= 2, sorted(took for took, _ in wave)[-5:]
+        assert await limiter.get_usage("s") is None  # within the interval, Redis is not asked
+        clock.advance(5)
+        usage = await limiter.get_usage("s")  # the probe: the bucket survived the freeze
+        assert usage is not None
+        assert usage.used >= 1
+        assert await limiter.check("s")
 
 
 async def test_decision_and_usage_are_frozen_values() -> None:
