@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ROUTES",
     "build_pipeline_config",
+    "build_server",
     "create_app",
     "describe",
     "run_server",
@@ -163,9 +164,23 @@ async def start_server(
         handles: A running pipeline to serve (borrowed), or ``None`` to build one.
     """
     settings = config if config is not None else ServerConfig.from_env()
-    app = create_app(handles, settings)
+    server = build_server(create_app(handles, settings), settings)
+    logger.info("%s", describe(settings, borrowed=handles is not None))
+    await server.serve()
+
+
+def build_server(app: Starlette, settings: ServerConfig) -> uvicorn.Server:
+    """The uvicorn server ``start_server`` runs: the edge protocol (JSON for uvicorn's own
+    errors, the header timeout, the connection limit), the keep-alive and graceful
+    timeouts, and the drain begun as soon as it starts shutting down.
+
+    Args:
+        app: From ``create_app``.
+        settings: The limits; ``host`` and ``port`` are where ``serve()`` listens
+            (``serve(sockets=[...])`` takes sockets of your own instead).
+    """
     max_connections = settings.max_connections or default_max_connections()
-    server = _DrainingServer(
+    return _DrainingServer(
         uvicorn.Config(
             app,
             host=settings.host,
@@ -181,8 +196,6 @@ async def start_server(
         ),
         app,
     )
-    logger.info("%s", describe(settings, max_connections, borrowed=handles is not None))
-    await server.serve()
 
 
 def run_server(config: ServerConfig | None = None) -> None:
@@ -216,7 +229,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def describe(config: ServerConfig, max_connections: int, *, borrowed: bool) -> str:
+def describe(config: ServerConfig, *, borrowed: bool = False) -> str:
     """The one line the server logs at start: where it listens and what it runs."""
     if borrowed:
         pipeline = "a pipeline passed in"
@@ -239,7 +252,7 @@ def describe(config: ServerConfig, max_connections: int, *, borrowed: bool) -> s
     return (
         f"serving on http://{config.host}:{config.port} ({pipeline}; redis {redis}; "
         f"timeout {config.timeout_seconds:g}s, drain {config.drain_seconds:g}s, "
-        f"max connections {max_connections})"
+        f"max connections {config.max_connections or default_max_connections()})"
     )
 
 

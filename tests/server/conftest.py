@@ -7,15 +7,27 @@ import socket
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+import attrs
 import pytest
 import uvicorn
 
+from orchestrator_server.app import build_server
 from tests.workers.conftest import PROVIDER_ENV
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from starlette.applications import Starlette
+
+    from orchestrator_server import ServerConfig
+
+
+def _listening_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
 
 
 @asynccontextmanager
@@ -25,16 +37,32 @@ async def serve(app: Starlette) -> AsyncIterator[str]:
     The socket is bound and listening before uvicorn starts, so clients may connect at
     once (they wait in the backlog until startup completes): nothing to poll.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
+    sock = _listening_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@asynccontextmanager
+async def serve_edge(
+    app: Starlette, settings: ServerConfig
+) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+    """Like ``serve``, but with the server ``start_server`` runs (``build_server``: the
+    edge protocol, its timeouts, the drain); yields the base URL and the server, whose
+    ``should_exit = True`` is what SIGTERM does. The server has stopped on exit."""
+    sock = _listening_socket()
+    port = sock.getsockname()[1]
+    server = build_server(app, attrs.evolve(settings, host="127.0.0.1", port=port))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         await task
