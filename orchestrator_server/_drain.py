@@ -48,6 +48,11 @@ class Drain:
         return self._begun.is_set()
 
     @property
+    def owns_pipeline(self) -> bool:
+        """Whether the drain shuts the pipeline down (and so knows when it has drained)."""
+        return self._shutdown is not None
+
+    @property
     def over(self) -> bool:
         """Whether the time for requests in flight is up."""
         return self._over.is_set()

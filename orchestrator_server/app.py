@@ -257,8 +257,14 @@ def describe(config: ServerConfig, *, borrowed: bool = False) -> str:
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, beginning the app's drain the moment it starts shutting down
-    (before it waits for connections), so one drain covers both."""
+    """uvicorn's server, beginning the app's drain the moment it starts shutting down, so
+    one drain covers both.
+
+    With a pipeline of its own, the server stops listening at once but closes the
+    connections only when the drain is over (the pipeline is idle, or the time is up):
+    uvicorn would otherwise close every WebSocket at once (1012), cancelling requests
+    that had time to finish.
+    """
 
     def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
         super().__init__(config)
@@ -268,4 +274,10 @@ class _DrainingServer(uvicorn.Server):
         drain: Drain | None = getattr(self._app.state, "drain", None)
         if drain is not None:
             drain.begin()
+            if drain.owns_pipeline and not self.force_exit:
+                for server in self.servers:
+                    server.close()
+                for sock in sockets or ():
+                    sock.close()
+                await drain.wait_over()
         await super().shutdown(sockets)
