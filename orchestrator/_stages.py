@@ -235,7 +235,7 @@ class InferenceStage:
                 if entry is None:
                     entry = await inbox.get()
                 ticket = entry[1]
-                if ticket._done or _expired(ticket, loop):
+                if ticket._done:
                     continue
                 self.active += 1
                 task = spawn(loop, self._serve(ticket))
