@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -32,11 +33,32 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _redis_url(_inst: Any, _attr: attrs.Attribute[Any], value: str | None) -> None:
-    if value is not None and not value.startswith(_REDIS_SCHEMES):
+    if value is None:
+        return
+    if not value.startswith(_REDIS_SCHEMES):
         raise ValueError(
             "the Redis URL (REDIS_URL) must look like redis://host:6379/0 (or rediss://, "
             f"unix://), got {redact_url(value)!r}"
         )
+    if not _splits(value):
+        # Checked here, not when the server starts: redis-py's error would be a traceback
+        # from the startup, quoting what it took for the port (a piece of the password).
+        raise ValueError(
+            "the Redis URL (REDIS_URL) is malformed: the port must be a number up to 65535, "
+            "an IPv6 host in [brackets], and a '/', '?' or '#' in the password "
+            f"percent-encoded; got {redact_url(value)!r}"
+        )
+
+
+def _splits(url: str) -> bool:
+    """Whether ``url`` splits as redis-py reads it (``urllib.parse``): a numeric port, and
+    no ``@`` past the host (a password holding ``/``, ``?`` or ``#`` ends it early)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        return False
+    return "@" not in parts.path + parts.query + parts.fragment
 
 
 def default_max_connections() -> int:
