@@ -268,14 +268,20 @@ async def connect_redis(
         # One immediate retry: after a server restart the first command on a pooled
         # connection meets the dead socket, and the retry reconnects. More retries (or
         # redis-py's default backoff) would only stretch an outage into every call.
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=command_timeout,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=command_timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
+        try:
+            pool = BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=command_timeout,
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=command_timeout,
+                retry=Retry(NoBackoff(), 1),
+            )
+        except ValueError:  # redis-py's message may quote a piece of the password
+            raise ValueError(
+                f"invalid Redis URL {redact_url(url)!r}: expected redis://[user:password@]"
+                "host[:port][/db] (or rediss://, unix://), with a password percent-encoded"
+            ) from None
         client = _Redis.from_pool(pool)
     if ping:
         try:

@@ -648,3 +648,13 @@ async def test_redis_answering_late_ends_the_outage(
     assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
     assert "no answer within 0.25s" in records[0].getMessage()
     assert "1 calls degraded" in records[1].getMessage()
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hun/ter2@localhost:6379/0", "redis://u:hunter2@localhost:notaport/0"]
+)
+async def test_a_malformed_redis_url_is_refused_without_its_password(url: str) -> None:
+    with pytest.raises(ValueError, match="invalid Redis URL") as caught:
+        await CacheLayer.new_redis(url, ping=False)
+    assert "hun" not in str(caught.value)
+    assert caught.value.__cause__ is None
