@@ -14,6 +14,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -421,3 +422,147 @@ async def test_control_characters_in_the_path_are_escaped_in_the_access_log(
         assert "\n" not in text
         assert "\x1b" not in text
         assert "/x\\x0aFORGED 200\\x1b[31mred" in text
+
+
+# -- 12. slow, silent and too many connections -------------------------------------------------
+
+
+async def test_a_silent_connection_is_answered_408_and_closed() -> None:
+    async with edge(header_timeout=0.2) as base:
+        started = time.monotonic()
+        reader, writer = await open_socket(base)
+        response = await read_to_eof(reader, writer)
+        elapsed = time.monotonic() - started
+    assert response.status == 408
+    assert "within 0.2s" in response.json()["error"]
+    assert response.headers["x-request-id"]
+    assert elapsed >= 0.19
+
+
+async def test_a_slowloris_head_is_answered_408_though_bytes_keep_coming() -> None:
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    async with edge(header_timeout=0.2) as base:
+        reader, writer = await open_socket(base)
+        sent = 0
+        with anyio.fail_after(5):
+            first = b""
+            while not first:
+                writer.write(head[sent : sent + 1])
+                sent += 1
+                await writer.drain()
+                # The pace of a slowloris: a byte, then up to 20 ms waiting for the answer.
+                with anyio.move_on_after(0.02):
+                    first = await reader.read(1)
+        response = await read_to_eof(reader, writer, first)
+    assert response.status == 408
+    assert response.headers["x-request-id"]
+    assert sent < len(head) // 2  # answered long before the head could have been complete
+
+
+async def test_requests_that_arrive_in_time_are_served_though_they_outlast_the_timeout() -> None:
+    worker = GateWorker()  # never answers: the request ends at its own deadline, 0.5 s
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with (
+        edge(worker, header_timeout=0.2) as base,
+        httpx.AsyncClient(base_url=base) as client,
+    ):
+        reader, writer = await open_socket(base)
+        writer.write(health)
+        first = await read_one(reader)
+        started = time.monotonic()
+        submitted = await client.post("/api/v1/infer", json={"prompt": "x", "timeout": 0.5})
+        result = await client.get(f"/api/v1/result/{submitted.json()['request_id']}")
+        waited = time.monotonic() - started
+        writer.write(health)  # after a keep-alive pause longer than the header timeout
+        second = await read_one(reader)
+        writer.close()
+    assert first.status == second.status == 200
+    assert result.status_code == 200  # not cut off by the header timeout while it waits
+    assert result.json()["status"] == "timeout"
+    assert waited > 0.2
+
+
+async def test_a_connection_over_the_limit_is_503_until_silent_ones_time_out() -> None:
+    async with edge(header_timeout=0.5, max_connections=3) as base:
+        silent = [await open_socket(base) for _ in range(3)]
+        refused = await read_to_eof(*await open_socket(base))
+        timed_out = [await read_to_eof(reader, writer) for reader, writer in silent]
+        async with httpx.AsyncClient(base_url=base) as client:
+            health = await client.get("/health")
+    assert refused.status == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["x-request-id"]
+    assert "too many open connections" in refused.json()["error"]
+    assert [r.status for r in timed_out] == [408, 408, 408]
+    assert health.status_code == 200
+
+
+# -- 20. a body's timeout, and cancelling ------------------------------------------------------
+
+
+async def test_a_body_timeout_ends_the_request_as_timeout() -> None:
+    worker = GateWorker()
+    async with edge(worker) as base, httpx.AsyncClient(base_url=base) as client:
+        submitted = await client.post("/api/v1/infer", json={"prompt": "x", "timeout": 0.05})
+        result = await client.get(f"/api/v1/result/{submitted.json()['request_id']}")
+    assert submitted.status_code == 200
+    assert result.status_code == 200
+    assert result.json()["status"] == "timeout"
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "x", True, ECHO.timeout_seconds + 0.5, [1]])
+async def test_a_bad_body_timeout_is_a_400_naming_it(echo_server: str, timeout: object) -> None:
+    async with httpx.AsyncClient(base_url=echo_server) as client:
+        response = await client.post("/api/v1/infer", json={"prompt": "x", "timeout": timeout})
+    assert response.status_code == 400
+    assert "'timeout'" in response.json()["error"]
+
+
+async def test_delete_cancels_a_request_in_flight_and_its_worker_call() -> None:
+    worker = GateWorker()
+    async with edge(worker) as base, httpx.AsyncClient(base_url=base) as client:
+        request_id = (await client.post("/api/v1/infer", json={"prompt": "x"})).json()["request_id"]
+        with anyio.fail_after(5):
+            await worker.wait_started(1)
+        cancelled = await client.delete(f"/api/v1/requests/{request_id}")
+        status = await client.get(f"/api/v1/status/{request_id}")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["request_id"] == request_id
+    assert cancelled.json()["status"] == "cancelled"
+    assert worker.cancelled == 1
+    assert status.json()["status"] == "cancelled"
+
+
+async def test_delete_leaves_a_finished_request_as_it_is_and_unknown_ids_are_404(
+    echo_server: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=echo_server) as client:
+        request_id = (await client.post("/api/v1/infer", json={"prompt": "x"})).json()["request_id"]
+        result = await client.get(f"/api/v1/result/{request_id}")
+        deleted = await client.delete(f"/api/v1/requests/{request_id}")
+        unknown = await client.delete("/api/v1/requests/no-such-request")
+    assert result.json()["status"] == "completed"
+    assert deleted.status_code == 200
+    assert deleted.json() == result.json()
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "unknown request id"}
+
+
+async def test_a_cancel_message_cancels_a_request_on_the_socket() -> None:
+    worker = GateWorker()
+    async with edge(worker) as base, connect(ws_url(base)) as ws:
+        await ws.send(json.dumps({"prompt": "x"}))
+        processing = await recv(ws)
+        with anyio.fail_after(5):
+            await worker.wait_started(1)
+        await ws.send(json.dumps({"cancel": processing["request_id"]}))
+        final = await recv(ws)
+        await ws.send(json.dumps({"cancel": "no-such-request"}))
+        unknown = await recv(ws)
+        await ws.send(json.dumps({"cancel": 7}))
+        not_an_id = await recv(ws)
+    assert final["request_id"] == processing["request_id"]
+    assert final["status"] == "cancelled"
+    assert "cancelled" in final["error"]
+    assert "'cancel'" in unknown["error"]
+    assert not_an_id == unknown
