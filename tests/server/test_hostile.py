@@ -22,7 +22,10 @@ import anyio
 import attrs
 import httpx
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.sync.client import connect as connect_sync
 
 from orchestrator import EchoWorker, PipelineConfig, spawn_pipeline
 from orchestrator.enhanced import CacheLayer
@@ -566,3 +569,158 @@ async def test_a_cancel_message_cancels_a_request_on_the_socket() -> None:
     assert "cancelled" in final["error"]
     assert "'cancel'" in unknown["error"]
     assert not_an_id == unknown
+
+
+# -- fuzz: random bodies and messages ----------------------------------------------------------
+
+# Every code point, lone surrogates included; half the strings are made mostly of them.
+_ANY_CHAR = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, categories=None)
+_TEXT = st.one_of(
+    st.text(_ANY_CHAR, max_size=20),
+    st.lists(st.one_of(_ANY_CHAR, st.characters(categories=["Cs"])), max_size=20).map("".join),
+)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+# Text with no lone surrogate (what a valid field holds), and a few prompts that repeat,
+# for the cache and dedup.
+_FINE_TEXT = st.text(min_size=1, max_size=20)
+_PROMPT = st.one_of(_FINE_TEXT, _FINE_TEXT, st.sampled_from(["hi", "hello there"]), _TEXT, _JSON)
+_META_VALUE = st.one_of(st.text(max_size=20), st.integers(), st.floats(), st.booleans(), _JSON)
+_METADATA = st.one_of(
+    st.dictionaries(st.text(max_size=10), _META_VALUE, max_size=4),
+    st.dictionaries(_TEXT, _JSON, max_size=4),
+    st.fixed_dictionaries(
+        {"priority": st.one_of(st.sampled_from(["high", "LOW", "urgent"]), _JSON)}
+    ),
+    _JSON,
+)
+_INFER = st.fixed_dictionaries(
+    {"prompt": _PROMPT},
+    optional={
+        "session_id": st.one_of(_FINE_TEXT, _TEXT, _JSON),
+        "metadata": _METADATA,
+        "stream": st.one_of(st.booleans(), st.booleans(), _JSON),
+        "timeout": st.one_of(
+            st.floats(min_value=1e-3, max_value=ECHO.timeout_seconds),
+            st.floats(),
+            st.integers(),
+            _JSON,
+        ),
+    },
+)
+_VALID_INFER = st.fixed_dictionaries(  # what a client means to send, in any script
+    {"prompt": st.one_of(_FINE_TEXT, st.sampled_from(["hi", "hello there"]))},
+    optional={
+        "session_id": _FINE_TEXT,
+        "metadata": st.dictionaries(
+            st.text(max_size=10), st.one_of(st.text(max_size=20), st.integers()), max_size=3
+        ),
+        "stream": st.booleans(),
+        "timeout": st.floats(min_value=1e-3, max_value=ECHO.timeout_seconds),
+    },
+)
+_DOCUMENTS = st.one_of(_JSON, _INFER, _VALID_INFER, _VALID_INFER)
+
+
+def _utf8(document: object) -> bytes:
+    """JSON with non-ASCII text as UTF-8 bytes, lone surrogates as their (invalid) bytes."""
+    return json.dumps(document, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+_DEEP = st.sampled_from([1, 999, 1_001, 10_000, DEEP]).map(nested)
+_BODIES = st.one_of(
+    _DOCUMENTS.map(lambda d: json.dumps(d).encode()),
+    _DOCUMENTS.map(_utf8),
+    st.binary(max_size=64),
+    _DEEP,
+)
+_FRAMES = st.one_of(
+    _DOCUMENTS.map(json.dumps),  # text frames must be UTF-8: surrogates as escapes
+    st.text(max_size=64),
+    _DOCUMENTS.map(_utf8),  # bytes frames may be anything
+    st.binary(max_size=64),
+    _DEEP.map(bytes.decode),
+)
+
+
+@pytest.fixture(scope="module")
+def echo_client(echo_server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=echo_server, timeout=10) as client:
+        yield client
+
+
+def _request_id_of(response: httpx.Response) -> str:
+    """The request id of a 200 answer, checking that every part of it is JSON."""
+    if response.headers["content-type"].startswith("text/event-stream"):
+        event("server-sent events")
+        events = [block for block in response.text.split("\n\n") if block]
+        datas = [json.loads(block.split("\ndata: ", 1)[1]) for block in events]
+        assert [block.split("\n", 1)[0] for block in events[-1:]] == ["event: done"]
+        assert len({d["request_id"] for d in datas}) == 1
+        request_id = datas[0]["request_id"]
+    else:
+        request_id = response.json()["request_id"]
+    assert isinstance(request_id, str)
+    return request_id
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(body=_BODIES)
+def test_fuzzed_infer_bodies_get_json_and_never_a_5xx(
+    echo_client: httpx.Client, body: bytes
+) -> None:
+    response = echo_client.post(
+        "/api/v1/infer", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code < 500, response.text
+    event(f"status {response.status_code}")
+    if response.status_code != 200:
+        assert isinstance(response.json()["error"], str)
+        return
+    request_id = _request_id_of(response)
+    for path in (f"/api/v1/status/{request_id}", f"/api/v1/result/{request_id}"):
+        answer = echo_client.get(path)
+        assert answer.status_code == 200, (path, answer.text)
+        assert answer.json()["request_id"] == request_id
+
+
+@settings(
+    max_examples=75,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(frames=st.lists(_FRAMES, min_size=1, max_size=4))
+def test_fuzzed_ws_messages_get_json_frames_and_the_socket_stays_open(
+    echo_server: str, frames: list[str | bytes]
+) -> None:
+    with connect_sync(ws_url(echo_server)) as ws:
+        for frame in frames:
+            ws.send(frame)
+        ws.send(json.dumps({"prompt": "the last word"}))
+        answers = 0  # every message gets exactly one first answer: an error or processing
+        last_id: str | None = None
+        seen: list[dict[str, Any]] = []
+        while True:
+            received = json.loads(ws.recv(timeout=5))
+            assert isinstance(received, dict)
+            seen.append(received)
+            if "request_id" not in received or received["status"] == "processing":
+                answers += 1
+                if answers == len(frames) + 1:
+                    assert received["status"] == "processing", received
+                    last_id = received["request_id"]
+            elif received["request_id"] == last_id and received["status"] != "streaming":
+                break
+    served = sum(1 for f in seen if f.get("status") == "processing") - 1
+    event("some random message was served" if served else "every random message was refused")
+    assert received["status"] == "completed"
+    assert received["result"]
