@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
 
 from orchestrator.workers.base import split_tokens
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+T = TypeVar("T")
 
 
 class GateWorker:
@@ -61,3 +66,19 @@ class GateWorker:
 def prompt_for(text: str) -> str:
     """The prompt the default retriever and template make for ``text``."""
     return f"CONTEXT: Retrieved documents for '{text[:50]}'\n\nUser Query: {text}\n\nAssistant:"
+
+
+async def concurrently(n: int, call: Callable[[], Awaitable[T]]) -> list[tuple[float, T]]:
+    """Start ``n`` calls at once: each one's (seconds it took, answer), in finishing order."""
+    done: list[tuple[float, T]] = []
+
+    async def one() -> None:
+        start = time.monotonic()
+        answer = await call()
+        done.append((time.monotonic() - start, answer))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(one)
+    return done

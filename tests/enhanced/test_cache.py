@@ -4,7 +4,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import time
 import uuid
 from typing import TYPE_CHECKING, TypeVar
 
@@ -18,9 +17,10 @@ from redis.asyncio import Redis
 from orchestrator.enhanced import cache as cache_module
 from orchestrator.enhanced.cache import CacheLayer, CacheStats, cache_key
 from orchestrator.metrics import REGISTRY
+from tests.helpers import concurrently
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
     from tests.redis_server import RedisServer
@@ -95,22 +95,6 @@ def sample(name: str, backend: str) -> float:
     return (
         REGISTRY.get_sample_value(f"orchestrator_cache_{name}_total", {"backend": backend}) or 0.0
     )
-
-
-async def concurrently(n: int, call: Callable[[], Awaitable[T]]) -> list[tuple[float, T]]:
-    """Start ``n`` calls at once: each one's (seconds it took, answer), in finishing order."""
-    done: list[tuple[float, T]] = []
-
-    async def one() -> None:
-        start = time.monotonic()
-        answer = await call()
-        done.append((time.monotonic() - start, answer))
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            for _ in range(n):
-                tg.start_soon(one)
-    return done
 
 
 async def eventually_missing(cache: CacheLayer, key: str) -> None:

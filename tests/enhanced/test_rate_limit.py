@@ -19,6 +19,7 @@ from orchestrator.enhanced import rate_limit as rate_limit_module
 from orchestrator.enhanced.rate_limit import RateDecision, RateLimiter, UsageInfo
 from orchestrator.metrics import REGISTRY
 from orchestrator.types import SessionId
+from tests.helpers import concurrently
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -116,22 +117,6 @@ def local(request: pytest.FixtureRequest) -> Case:
         return RateLimiter.new_governor(n, window)
 
     return Case("governor", make_governor, advance_loop)
-
-
-async def concurrently(n: int, call: Callable[[], Awaitable[T]]) -> list[tuple[float, T]]:
-    """Start ``n`` calls at once: each one's (seconds it took, answer), in finishing order."""
-    done: list[tuple[float, T]] = []
-
-    async def one() -> None:
-        start = time.monotonic()
-        answer = await call()
-        done.append((time.monotonic() - start, answer))
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            for _ in range(n):
-                tg.start_soon(one)
-    return done
 
 
 def decisions(decision: str) -> float:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import anyio
 import attrs
 import pytest
 import uvicorn
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from starlette.applications import Starlette
+    from websockets.asyncio.client import ClientConnection
 
     from orchestrator_server import ServerConfig
 
@@ -77,3 +80,16 @@ def worker_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in (*PROVIDER_ENV, "ORCHESTRATOR_WORKER", "SERVER_HOST", "SERVER_PORT"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
+
+
+def ws_url(base: str) -> str:
+    """The WebSocket route's URL on the server at ``base``."""
+    return base.replace("http://", "ws://") + "/api/v1/stream"
+
+
+async def recv(ws: ClientConnection) -> dict[str, Any]:
+    """The next frame, a JSON object, within 5 s."""
+    with anyio.fail_after(5):
+        frame = json.loads(await ws.recv())
+    assert isinstance(frame, dict)
+    return frame

@@ -17,27 +17,16 @@ import sys
 import anyio
 import httpx
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from orchestrator import EchoWorker, PipelineConfig, RequestStatus, spawn_pipeline
 from orchestrator_server import ServerConfig, create_app
 from tests.helpers import GateWorker, prompt_for
-from tests.server.conftest import serve
+from tests.server.conftest import recv, serve, ws_url
 
 pytestmark = pytest.mark.anyio
 
 QUIET = ServerConfig(access_log=False)
-
-
-def ws_url(base: str) -> str:
-    return base.replace("http://", "ws://") + "/api/v1/stream"
-
-
-async def recv(ws: ClientConnection) -> dict[str, object]:
-    with anyio.fail_after(5):
-        frame = json.loads(await ws.recv())
-    assert isinstance(frame, dict)
-    return frame
 
 
 async def test_seed_rest_walkthrough() -> None:

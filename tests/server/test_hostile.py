@@ -24,14 +24,14 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.sync.client import connect as connect_sync
 
 from orchestrator import EchoWorker, PipelineConfig, spawn_pipeline
 from orchestrator.enhanced import CacheLayer
 from orchestrator_server import ServerConfig, create_app
 from tests.helpers import GateWorker
-from tests.server.conftest import serve_edge
+from tests.server.conftest import recv, serve_edge, ws_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -56,17 +56,6 @@ async def edge(
         serve_edge(create_app(handles, config), config) as (base, _server),
     ):
         yield base
-
-
-def ws_url(base: str) -> str:
-    return base.replace("http://", "ws://") + "/api/v1/stream"
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    with anyio.fail_after(5):
-        frame = json.loads(await ws.recv())
-    assert isinstance(frame, dict)
-    return frame
 
 
 @attrs.frozen
