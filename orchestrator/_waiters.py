@@ -1,16 +1,24 @@
-"""FIFO waiting for a turn, shared by the bounded queues (``Channel``, ``PriorityQueue``).
-Private."""
+"""``Waiters``: the one way the core waits for something to happen. Private.
+
+Tasks wait for a turn (an item, room in a queue) or for an outcome (a request finished, a
+token arrived, a call unwound). ``wake_one`` hands the turn to the longest waiting task,
+``wake_all`` wakes every one. A plain future per waiter, which is what ``asyncio.Event``
+and ``asyncio.Queue`` use underneath, without their per-object overhead: the pipeline makes
+one of these per request only once somebody waits.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+from typing import final
 
 __all__ = ["Waiters"]
 
 
+@final
 class Waiters:
-    """Tasks waiting for a turn (an item, or room), woken one at a time, in order."""
+    """Tasks waiting, woken one at a time in order (``wake_one``) or all at once."""
 
     __slots__ = ("_futures",)
 
@@ -20,17 +28,21 @@ class Waiters:
     def __bool__(self) -> bool:
         return bool(self._futures)
 
+    def __len__(self) -> int:
+        return len(self._futures)
+
     async def wait(self) -> None:
-        """Wait until ``wake_one`` picks this waiter; a waiter cancelled after it was picked
-        passes its turn on, so no wake-up is lost."""
+        """Wait until woken. A waiter cancelled after ``wake_one`` picked it passes its turn
+        on, so no wake-up is lost."""
         fut = asyncio.get_running_loop().create_future()
         self._futures.append(fut)
         try:
             await fut
         except BaseException:
-            fut.cancel()
-            if not fut.cancelled():  # woken, then cancelled
+            if fut.done() and not fut.cancelled():  # woken, then cancelled
                 self.wake_one()
+            else:  # left while waiting: the wake-ups skip it (no O(n) removal)
+                fut.cancel()
             raise
 
     def wake_one(self) -> None:
@@ -41,3 +53,11 @@ class Waiters:
             if not fut.done():
                 fut.set_result(None)
                 return
+
+    def wake_all(self) -> None:
+        """Wake every task waiting."""
+        futures = self._futures
+        while futures:
+            fut = futures.popleft()
+            if not fut.done():
+                fut.set_result(None)

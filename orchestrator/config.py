@@ -16,7 +16,7 @@ from orchestrator.hooks import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from orchestrator.enhanced.cache import CacheLayer
     from orchestrator.enhanced.circuit_breaker import CircuitBreaker
@@ -62,7 +62,9 @@ class PipelineConfig:
     for ``retention_seconds``, among the last ``retention_max`` finished, while all of
     them together hold at most about ``retention_bytes`` (input, result and tokens; the
     oldest leave first). A finished record keeps only its input, result or error, and its
-    tokens: the context and the assembled prompt are dropped.
+    tokens: the context and the assembled prompt are dropped. ``clock`` (monotonic
+    seconds, ``time.monotonic`` by default) measures retention's ages; tests pass a fake
+    one.
 
     ``retriever`` and ``template`` default to the seed's demo (a placeholder context line,
     ``"{context}\n\nUser Query: {input}\n\nAssistant:"``); for a real model pass
@@ -95,6 +97,7 @@ class PipelineConfig:
     retention_max: int = attrs.field(default=10_000, validator=attrs.validators.ge(0))
     retention_bytes: int = attrs.field(default=128 * 1024 * 1024, validator=attrs.validators.ge(0))
     priority_aging: float | None = attrs.field(default=None)
+    clock: Callable[[], float] | None = attrs.field(default=None)
     retriever: Retriever | None = attrs.field(default=default_retriever)
     template: Template = attrs.field(default=DEFAULT_TEMPLATE, validator=_check_template)
     post_processors: tuple[PostProcessor, ...] = attrs.field(default=(), converter=_processors)

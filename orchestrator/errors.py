@@ -19,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "CircuitOpen",
     "InferenceError",
+    "InvalidRequest",
     "OrchestratorError",
     "Overloaded",
     "PipelineClosed",
@@ -58,6 +59,11 @@ class QueueFull(Overloaded):
         self, message: str = "priority queue is full", *, stage: str = "inference"
     ) -> None:
         super().__init__(message, stage=stage)
+
+
+class InvalidRequest(OrchestratorError, ValueError):
+    """Raised by ``submit`` for a request it cannot take as it is: an unknown priority, an
+    id already in use. Also a ``ValueError``."""
 
 
 class PipelineClosed(OrchestratorError):

@@ -78,7 +78,7 @@ async def test_cache_hit_completes_at_once_without_the_worker() -> None:
         assert ticket.status is RequestStatus.COMPLETED  # before any stage ran
         assert await ticket.result() == first == prompt_for("What is Rust?")
         assert [t async for t in ticket.tokens()] == [first]
-        assert handles.get(ticket.request_id) is ticket
+        assert handles.get(ticket.request_id) == ticket
     assert len(worker.prompts) == 1
     assert sample("orchestrator_cache_hits_total", backend="memory") - hits == 1
 

@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 
     from orchestrator.enhanced._redis import Down
     from orchestrator.metrics import CounterCell
+    from orchestrator.types import PromptRequest
 
-__all__ = ["CacheBackend", "CacheLayer", "CacheStats", "cache_key"]
+__all__ = ["CacheBackend", "CacheLayer", "CachePolicy", "CacheStats", "cache_key"]
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -505,3 +506,76 @@ class _RedisBackend(RedisClientOwner):
 
     def entries(self) -> None:
         return None  # counting our keys means a SCAN of the whole keyspace
+
+
+@final
+class CachePolicy:
+    """What a pipeline asks of its response cache, in one place: the key of a request, the
+    lookup at admission, the store when the request completes.
+
+    The key covers the request's input, the cache's ``scope`` (what besides the input
+    changes the answers: the worker's identity and the prompt template) and the request's
+    metadata except the keys in ``ignore_meta`` (``priority`` by default: it changes when
+    an answer comes, not what it says).
+
+    Args:
+        cache: Where entries live.
+        scope: See above; ``CachePolicy.scope_of(worker, template)`` computes it.
+        ttl: Seconds a stored answer lives (``None``: the cache's default).
+        ignore_meta: Metadata keys left out of the key.
+
+    Example:
+        >>> policy = CachePolicy(CacheLayer.new_memory(100), scope="echo|{input}")
+        >>> from orchestrator.types import PromptRequest
+        >>> policy.key(PromptRequest("u1", "Hi", meta={"priority": "high"})) == policy.key(
+        ...     PromptRequest("u2", "Hi")
+        ... )
+        True
+    """
+
+    __slots__ = ("_ignore", "cache", "scope", "ttl")
+
+    def __init__(
+        self,
+        cache: CacheLayer,
+        *,
+        scope: str,
+        ttl: float | None = None,
+        ignore_meta: frozenset[str] = frozenset({"priority"}),
+    ) -> None:
+        _check_ttl(ttl)
+        self.cache = cache
+        self.scope = scope
+        self.ttl = ttl
+        self._ignore = ignore_meta
+
+    @staticmethod
+    def scope_of(worker: object, template: object) -> str:
+        """The scope of a worker and a prompt template: the worker's ``cache_identity``
+        (or its class's qualified name) and the template's text (or callable's name)."""
+        identity = getattr(worker, "cache_identity", None)
+        if not isinstance(identity, str):
+            identity = f"{type(worker).__module__}.{type(worker).__qualname__}"
+        shape = template if isinstance(template, str) else getattr(template, "__qualname__", "")
+        return f"{identity}|{shape}"
+
+    def key(self, request: PromptRequest) -> str:
+        """The cache key of ``request``."""
+        ignored = self._ignore
+        meta = sorted((k, v) for k, v in request.meta.items() if k not in ignored)
+        return cache_key(request.input, self.scope, *(f"{k}={v}" for k, v in meta))
+
+    async def lookup(self, request: PromptRequest) -> tuple[str, str | None]:
+        """``request``'s key and its stored answer (``None``: a miss, or the cache is
+        down)."""
+        key = self.key(request)
+        return key, await self.cache.get(key)
+
+    def store_nowait(self, key: str, text: str) -> bool:
+        """Store without awaiting when the cache lives in this process; ``False`` (nothing
+        done) when it needs ``await store(...)``."""
+        return self.cache.set_nowait(key, text, self.ttl)
+
+    async def store(self, key: str, text: str) -> None:
+        """Store ``text`` under ``key`` (skipped while the backend is down)."""
+        await self.cache.set(key, text, self.ttl)

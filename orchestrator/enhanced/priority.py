@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar, final
 import attrs
 
 from orchestrator._waiters import Waiters
-from orchestrator.errors import QueueFull
+from orchestrator.errors import PipelineClosed, QueueFull
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,6 +93,7 @@ class PriorityQueue(Generic[T]):
         "_aging",
         "_capacity",
         "_clock",
+        "_closed",
         "_getters",
         "_levels",
         "_putters",
@@ -122,6 +123,7 @@ class PriorityQueue(Generic[T]):
         self._seq = 0
         self._getters = Waiters()
         self._putters = Waiters()
+        self._closed = False
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -165,7 +167,10 @@ class PriorityQueue(Generic[T]):
 
         Raises:
             QueueFull: The queue is full and nothing of lower priority can be displaced.
+            PipelineClosed: The queue is closed.
         """
+        if self._closed:
+            raise PipelineClosed("the queue is closed")
         displaced: tuple[Priority, T] | None = None
         if self._capacity is not None and self._size >= self._capacity:
             displaced = self._displace_below(priority)
@@ -179,10 +184,28 @@ class PriorityQueue(Generic[T]):
         return self.push_nowait(priority, item)
 
     async def put(self, priority: Priority, item: T) -> None:
-        """Queue ``item``, waiting for room when the queue is full (no displacement)."""
-        while self._capacity is not None and self._size >= self._capacity:
+        """Queue ``item``, waiting for room when the queue is full (no displacement).
+
+        Raises:
+            PipelineClosed: The queue is closed, or closes while this waits.
+        """
+        while self._capacity is not None and self._size >= self._capacity and not self._closed:
             await self._putters.wait()
+        if self._closed:
+            raise PipelineClosed("the queue is closed")
         self._append(priority, item)
+
+    def close(self) -> None:
+        """Refuse new items (``push``/``put`` raise ``PipelineClosed``); ``get`` returns
+        what is left, then ``None``. Idempotent."""
+        self._closed = True
+        self._putters.wake_all()
+        self._getters.wake_all()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._closed
 
     def _append(self, priority: Priority, item: T) -> None:
         self._seq += 1
@@ -245,13 +268,14 @@ class PriorityQueue(Generic[T]):
         """Take the next item, or ``None`` when the queue is empty (never waits)."""
         return self.pop_nowait()
 
-    async def get(self) -> tuple[Priority, T]:
-        """Take the next item, waiting until there is one."""
+    async def get(self) -> tuple[Priority, T] | None:
+        """Take the next item, waiting until there is one; ``None`` once the queue is
+        closed and empty."""
         while not self._size:
+            if self._closed:
+                return None
             await self._getters.wait()
-        item = self.pop_nowait()
-        assert item is not None
-        return item
+        return self.pop_nowait()
 
     def remove(self, predicate: Callable[[T], bool]) -> list[tuple[Priority, T]]:
         """Remove and return every queued item for which ``predicate`` is true."""
