@@ -42,8 +42,9 @@ class Job:
         prompt: What the worker is sent (after Assemble).
         output: The text so far: the tokens joined (after Inference), then processed
             (after Post).
-        record: This process's record of the request (not part of the job's data: a
-            process that takes the job from a shared queue links its own).
+        record: This process's record of the request: ``record.finished_at`` says
+            whether it has finished (skip it, do not start it). Not part of the job's
+            data: a process that takes the job from a shared queue links its own.
     """
 
     __slots__ = (
@@ -74,17 +75,18 @@ class Job:
 
     def __init__(
         self,
+        record: RequestRecord,
         request: PromptRequest,
         priority: Priority,
         deadline: float,
-        *,
         stream: bool = False,
-        attempt: int = 1,
         cache_key: str | None = None,
+        attempt: int = 1,
         context: str = "",
         prompt: str = "",
         output: str = "",
     ) -> None:
+        self.record = record
         self.id = request.request_id
         self.request = request
         self.priority = priority
@@ -95,13 +97,6 @@ class Job:
         self.context = context
         self.prompt = prompt
         self.output = output
-        self.record: RequestRecord | None = None
-
-    @property
-    def finished(self) -> bool:
-        """Whether this process knows the request has finished (skip it, do not start it)."""
-        record = self.record
-        return record is not None and record.finished_at is not None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.priority!s} attempt {self.attempt}>"
@@ -112,7 +107,6 @@ class Job:
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         for name in self._DATA:
             setattr(self, name, state[name])
-        self.record = None
 
     def to_dict(self, now: float) -> dict[str, Any]:
         """The JSON form: the request's fields, and ``deadline`` as seconds left at ``now``
@@ -134,8 +128,9 @@ class Job:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], now: float) -> Job:
-        """The job ``to_dict`` described, its deadline placed on this clock at ``now``.
+    def from_dict(cls, data: Mapping[str, Any], now: float, record: RequestRecord) -> Job:
+        """The job ``to_dict`` described, its deadline placed on this clock at ``now``,
+        linked to this process's ``record`` of it.
 
         Raises:
             KeyError, TypeError, ValueError: ``data`` is not such a form.
@@ -148,12 +143,13 @@ class Job:
             timeout=data["timeout"],
         )
         return cls(
+            record,
             request,
             Priority.parse(data["priority"]),
             now + float(data["seconds_left"]),
-            stream=bool(data["stream"]),
-            attempt=int(data["attempt"]),
-            cache_key=data["cache_key"],
-            context=data["context"],
-            prompt=data["prompt"],
+            bool(data["stream"]),
+            data["cache_key"],
+            int(data["attempt"]),
+            data["context"],
+            data["prompt"],
         )

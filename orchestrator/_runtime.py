@@ -140,11 +140,7 @@ class Runtime:
         )
         self.drain_timeout = c.drain_timeout
         self._drained = anyio.Event()
-        self.store.on_finish(self._on_finish)
-
-    def _on_finish(self, request_id: str, status: RequestStatus) -> None:
-        # A cancel or a timeout reaches the call (or hook) working on the request here.
-        self.running.interrupt(request_id)
+        self.store.on_finish(self.running.interrupt)  # a cancel or timeout reaches the work
 
     def queue_depths(self) -> Iterator[tuple[tuple[str, ...], float]]:
         """``(stage,), depth`` for each channel, for the queue-depth gauge."""

@@ -102,7 +102,7 @@ class RequestStore(Protocol):
         (``None``: unknown). Cancelling the waiting task ends only the wait."""
         ...
 
-    def on_finish(self, listener: Callable[[str, RequestStatus], None]) -> None:
+    def on_finish(self, listener: Callable[[str, RequestStatus], object]) -> None:
         """Call ``listener(request_id, status)`` whenever a record finishes."""
         ...
 
@@ -121,6 +121,12 @@ class TokenStream(Protocol):
 
 class WorkQueue(Protocol):
     """The queue in front of Inference: see the module docstring for the semantics."""
+
+    @property
+    def acknowledges(self) -> bool:
+        """Whether leases need ``ack`` (``False``: a queue of one process, where a job
+        taken is simply in hand)."""
+        ...
 
     async def put(self, job: Job) -> Job | None:
         """Queue ``job`` at its priority.

@@ -79,8 +79,9 @@ class Running:
             if waiters is not None:
                 waiters.wake_all()
 
-    def interrupt(self, request_id: str) -> bool:
-        """Cancel the task working on the job, unless it is the caller; whether one was."""
+    def interrupt(self, request_id: str, _status: object = None) -> bool:
+        """Cancel the task working on the job, unless it is the caller; whether one was.
+        (A request store's finish listener: a cancel or a timeout reaches the work here.)"""
         task = self._tasks.get(request_id)
         if task is None or task is asyncio.current_task():
             return False
@@ -104,26 +105,32 @@ class Endings:
     """How stages end a job: through the store, exactly once, counted; a job that was
     taken from the work queue has its lease acknowledged once its record is finished."""
 
-    __slots__ = ("_queue", "_store")
+    __slots__ = ("_acks", "_queue", "_store")
 
     def __init__(self, store: RequestStore, queue: WorkQueue) -> None:
         self._store = store
         self._queue = queue
+        self._acks = queue.acknowledges
 
     async def fail(self, job: Job, stage: str, error: BaseException) -> None:
         if await self._store.finish(job.id, _FAILED, error=error):
             metrics.ERRORS.labels(stage, type(error).__name__).inc()
-        if stage in _AFTER_QUEUE:
+        if self._acks and stage in _AFTER_QUEUE:
             await self._queue.ack(job)
 
-    async def complete(self, job: Job, _value: object = None) -> None:
-        """The last stage's ``store``: the job completed with its output."""
+    def complete(self, job: Job, _value: object = None) -> Awaitable[object]:
+        """The last stage's ``store``: the job completed with its output (to be awaited)."""
+        if self._acks:
+            return self._complete_and_ack(job)
+        return self._store.finish(job.id, _COMPLETED, result=job.output)
+
+    async def _complete_and_ack(self, job: Job) -> None:
         await self._store.finish(job.id, _COMPLETED, result=job.output)
         await self._queue.ack(job)
 
     async def skip(self, job: Job, stage: str) -> None:
         """A stage passes over a job that finished elsewhere (cancelled, timed out)."""
-        if stage in _AFTER_QUEUE:
+        if self._acks and stage in _AFTER_QUEUE:
             await self._queue.ack(job)
 
     async def expire(self, request_id: str) -> None:
@@ -210,7 +217,7 @@ class HookStage:
                 if not items and not await inbox.wait():
                     break
                 job = inbox.get_nowait()
-                if job.finished:
+                if job.record.finished_at is not None:
                     await self._endings.skip(job, self.name)
                     continue
                 start = clock()
@@ -264,7 +271,7 @@ class HookStage:
     async def _start_hook(self, job: Job, value: Awaitable[Any], start: float) -> None:
         hooks = self._hooks
         await hooks.acquire()
-        if job.finished:  # finished while we waited for a slot
+        if job.record.finished_at is not None:  # finished while we waited for a slot
             hooks.release()
             _discard(value)
             await self._endings.skip(job, self.name)
@@ -285,12 +292,12 @@ class HookStage:
                 self._hooks.release()
                 self._running.end(job.id)
             self._duration.observe(time.perf_counter() - start)
-            if job.finished:
+            if job.record.finished_at is not None:
                 await self._endings.skip(job, self.name)
             elif self.outbox is not None:
                 await self.forward(job)
         except asyncio.CancelledError:
-            if not job.finished:
+            if job.record.finished_at is None:
                 raise  # the pipeline is stopping; it fails the job
             await self._endings.skip(job, self.name)
 
@@ -333,6 +340,7 @@ class InferenceStage:
         self._duration = metrics.STAGE_DURATION.labels("inference")
         self._latency = metrics.WORKER_LATENCY.labels(calls.name)
         self._chunks = metrics.WORKER_TOKENS.labels(calls.name, "chunks")
+        self._acks = inbox.acknowledges
 
     async def run(self) -> None:
         """Run the slots until the work queue is closed and empty, then close the outbox."""
@@ -344,12 +352,12 @@ class InferenceStage:
             self.outbox.close()
 
     async def _slot(self) -> None:
-        take, ack = self.inbox.take, self.inbox.ack
+        take, ack = self.inbox.take, self._ack
         me = asyncio.current_task()
         assert me is not None
         loop = me.get_loop()
         while (job := await take()) is not None:
-            if job.finished:
+            if job.record.finished_at is not None:
                 await ack(job)
             elif loop.time() >= job.deadline:
                 await self._endings.expire(job.id)
@@ -357,9 +365,13 @@ class InferenceStage:
             else:
                 await self._call(job, me)  # it acknowledges the job once it ends
 
+    async def _ack(self, job: Job) -> None:
+        if self._acks:
+            await self.inbox.ack(job)
+
     async def _call(self, job: Job, me: asyncio.Task[Any]) -> None:
         if not await self._store.start(job.id):
-            await self.inbox.ack(job)
+            await self._ack(job)
             return
         start = time.perf_counter()
         running = self._running
@@ -372,10 +384,10 @@ class InferenceStage:
                 await self._tokens.append_tokens(job.id, tokens)
         except asyncio.CancelledError:
             running.end(job.id)
-            if not job.finished:
+            if job.record.finished_at is None:
                 raise  # the pipeline is stopping; it fails the job
             me.uncancel()  # the cancellation was this job's alone: serve the next one
-            await self.inbox.ack(job)
+            await self._ack(job)
             return
         except Exception as exc:
             running.end(job.id)
@@ -386,8 +398,8 @@ class InferenceStage:
         self._latency.observe(elapsed)
         self._duration.observe(elapsed)
         self._chunks.inc(len(tokens))
-        if job.finished:
-            await self.inbox.ack(job)
+        if job.record.finished_at is not None:
+            await self._ack(job)
             return
         job.output = "".join(tokens)
         outbox = self.outbox

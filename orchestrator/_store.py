@@ -158,7 +158,7 @@ class MemoryStore:
         self._records: dict[str, Record] = {}
         self._finished: collections.deque[tuple[float, str, int]] = collections.deque()
         self._bytes = 0
-        self._listeners: list[Callable[[str, RequestStatus], None]] = []
+        self._listeners: list[Callable[[str, RequestStatus], object]] = []
         self.in_flight = 0
 
     # -- the request store -----------------------------------------------------------------
@@ -195,10 +195,6 @@ class MemoryStore:
         return record
 
     async def start(self, request_id: str) -> bool:
-        return self.start_nowait(request_id)
-
-    def start_nowait(self, request_id: str) -> bool:
-        """``start`` without awaiting."""
         record = self._records.get(request_id)
         if record is None or record.finished_at is not None:
             return False
@@ -234,14 +230,29 @@ class MemoryStore:
         tokens = record.tokens
         if len(tokens) > _COMPACT_AFTER:
             record.tokens = _TokenLog(tokens, result)  # type: ignore[arg-type]
-        for waiters in (record.done_waiters, record.token_waiters):
-            if waiters is not None:
-                waiters.wake_all()
-        record.done_waiters = record.token_waiters = None
+        waiters = record.done_waiters
+        if waiters is not None:
+            waiters.wake_all()
+            record.done_waiters = None
+        waiters = record.token_waiters
+        if waiters is not None:
+            waiters.wake_all()
+            record.token_waiters = None
         self.in_flight -= 1
         for listener in self._listeners:
             listener(request_id, status)
-        self._retain(record)
+        # Retention: the oldest finished records leave past the age, count or byte bound.
+        now = self._clock()
+        finished = self._finished
+        size = record.retained_bytes()
+        finished.append((now, request_id, size))
+        self._bytes += size
+        if (
+            len(finished) > self.retention_max
+            or finished[0][0] < now - self.retention_seconds
+            or self._bytes > self.retention_bytes
+        ):
+            self._expire(now)
         return True
 
     async def wait(self, request_id: str, within: float | None) -> Record | None:
@@ -258,7 +269,7 @@ class MemoryStore:
                     await record.done_waiters.wait()
         return record
 
-    def on_finish(self, listener: Callable[[str, RequestStatus], None]) -> None:
+    def on_finish(self, listener: Callable[[str, RequestStatus], object]) -> None:
         self._listeners.append(listener)
 
     def unfinished(self) -> list[str]:
@@ -291,13 +302,6 @@ class MemoryStore:
             await record.token_waiters.wait()
 
     # -- retention -------------------------------------------------------------------------
-
-    def _retain(self, record: Record) -> None:
-        size = record.retained_bytes()
-        now = self._clock()
-        self._finished.append((now, record.id, size))
-        self._bytes += size
-        self._expire(now)
 
     def _expire(self, now: float) -> None:
         finished, records = self._finished, self._records

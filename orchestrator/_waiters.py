@@ -3,8 +3,10 @@
 Tasks wait for a turn (an item, room in a queue) or for an outcome (a request finished, a
 token arrived, a call unwound). ``wake_one`` hands the turn to the longest waiting task,
 ``wake_all`` wakes every one. A plain future per waiter, which is what ``asyncio.Event``
-and ``asyncio.Queue`` use underneath, without their per-object overhead: the pipeline makes
-one of these per request only once somebody waits.
+and ``asyncio.Queue`` use underneath, without their per-object overhead.
+
+It is a ``deque`` of those futures, so that "is anyone waiting?" (``if waiters:``), asked
+on every hand-off between stages, costs no Python-level call.
 """
 
 from __future__ import annotations
@@ -17,25 +19,20 @@ __all__ = ["Waiters"]
 
 
 @final
-class Waiters:
-    """Tasks waiting, woken one at a time in order (``wake_one``) or all at once."""
+class Waiters(collections.deque[asyncio.Future[None]]):
+    """Tasks waiting, woken one at a time in order (``wake_one``) or all at once.
 
-    __slots__ = ("_futures",)
+    Truthy while a waiter may be left (a waiter that left may still count until the next
+    wake-up skips it).
+    """
 
-    def __init__(self) -> None:
-        self._futures: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    def __bool__(self) -> bool:
-        return bool(self._futures)
-
-    def __len__(self) -> int:
-        return len(self._futures)
+    __slots__ = ()
 
     async def wait(self) -> None:
         """Wait until woken. A waiter cancelled after ``wake_one`` picked it passes its turn
         on, so no wake-up is lost."""
         fut = asyncio.get_running_loop().create_future()
-        self._futures.append(fut)
+        self.append(fut)
         try:
             await fut
         except BaseException:
@@ -47,17 +44,15 @@ class Waiters:
 
     def wake_one(self) -> None:
         """Wake the longest-waiting task still waiting, if any."""
-        futures = self._futures
-        while futures:
-            fut = futures.popleft()
+        while self:
+            fut = self.popleft()
             if not fut.done():
                 fut.set_result(None)
                 return
 
     def wake_all(self) -> None:
         """Wake every task waiting."""
-        futures = self._futures
-        while futures:
-            fut = futures.popleft()
+        while self:
+            fut = self.popleft()
             if not fut.done():
                 fut.set_result(None)

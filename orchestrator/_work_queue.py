@@ -26,6 +26,8 @@ class MemoryWorkQueue:
 
     __slots__ = ("_queue",)
 
+    acknowledges = False  # a job taken is in this process's hands until its record finishes
+
     def __init__(self, capacity: int, *, aging: float | None = None) -> None:
         self._queue: PriorityQueue[Job] = PriorityQueue(capacity, aging=aging)
 

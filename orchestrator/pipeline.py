@@ -106,6 +106,8 @@ class PipelineHandles:
         self._cache = runtime.cache
         self._policies = config.cache is not None or config.rate_limiter is not None
         self._shed = metrics.SHED.labels("rag")
+        self._deadlines = runtime.deadlines
+        self._request_timeout = config.request_timeout
         self._stop = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         # Our one task: the supervisor that owns the runtime (and through it every task).
@@ -132,6 +134,8 @@ class PipelineHandles:
             InvalidRequest: ``meta["priority"]`` is not a known level, or the request id
                 is already in use (also a ``ValueError``).
         """
+        if not self._policies:  # the fast path: nothing to await
+            return self._enter(request, self._check(request), stream, None)
         return await self.admit(request, stream=stream, wait=False)
 
     async def admit(self, request: PromptRequest, *, stream: bool, wait: bool) -> Ticket:
@@ -153,19 +157,31 @@ class PipelineHandles:
                 if cached is not None:
                     return self._completed_from_cache(request, cached)
             self._check(request)  # shutdown may have begun, or the id been taken, meanwhile
-        timeout = request.timeout or self.config.request_timeout
-        job = Job(request, priority, self._loop.time() + timeout, stream=stream, cache_key=key)
         if wait and self._rag.full():
             await self._rag.wait_for_room()
             self._check(request)
-        self._check_room()
-        self._rag.put_nowait(job)  # nothing runs between put and create
-        record = job.record = self._store.create_nowait(request)
-        self._runtime.deadlines.add(record, job.deadline, timeout, self._store.in_flight)
-        return Ticket(record, self._store, self)
+        return self._enter(request, priority, stream, key)
+
+    def _enter(
+        self, request: PromptRequest, priority: Priority, stream: bool, key: str | None
+    ) -> Ticket:
+        """Queue the request for RAG and record it: nothing runs between the two."""
+        rag = self._rag
+        if len(rag.items) >= rag.maxsize:
+            self._shed.inc()
+            raise Overloaded(
+                f"pipeline is at capacity ({rag.maxsize} requests waiting for RAG)", stage="rag"
+            )
+        timeout = request.timeout or self._request_timeout
+        store = self._store
+        record = store.create_nowait(request)
+        job = Job(record, request, priority, self._loop.time() + timeout, stream, key)
+        rag.put_nowait(job)  # cannot fail: the channel has room and is open (checked)
+        self._deadlines.add(record, job.deadline, timeout, store.in_flight)
+        return Ticket(record, store, self)
 
     def _check(self, request: PromptRequest) -> Priority:
-        if self._closed:
+        if self._closed or self._rag.closed:
             raise PipelineClosed("the pipeline is shutting down and admits no new requests")
         try:
             priority = Priority.parse(request.meta.get("priority"))

@@ -138,8 +138,8 @@ class Ticket:
         """
         record = self._record
         if record.finished_at is None:
-            await self.wait()
-            record = self._record
+            record = await self._store.wait(record.id, None) or record
+            self._record = record
         if record.status is _COMPLETED:
             return record.result  # type: ignore[return-value]
         raise record.error  # type: ignore[misc]

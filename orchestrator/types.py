@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import os
 from typing import TYPE_CHECKING
@@ -46,34 +47,50 @@ class SessionId:
 
 
 def _to_session(value: SessionId | str) -> SessionId:
-    return value if isinstance(value, SessionId) else SessionId(value)
+    return value if isinstance(value, SessionId) else _session_of(value)
 
 
-def _to_meta(value: Mapping[str, str] | None) -> dict[str, str]:
-    return {} if value is None else dict(value)
+@functools.lru_cache(maxsize=4096)
+def _session_of(value: str) -> SessionId:
+    # Sessions repeat (a user sends many requests) and a SessionId is immutable: share them.
+    return SessionId(value)
+
+
+_POOL_IDS = 256  # ids' worth of random bytes read at once: one syscall per 256 ids
+_pool = ""  # hex digits
+_at = 0
+# The RFC 4122 variant: the 17th digit is 8, 9, a or b (its two top bits 10).
+_VARIANT = dict(zip("0123456789abcdef", "89ab89ab89ab89ab", strict=True))
 
 
 def new_request_id() -> str:
     """Return a fresh request id: a random (version 4) UUID as a string.
 
-    Same bits as ``str(uuid.uuid4())`` (os.urandom), formatted without the UUID object,
-    which cost more than a request's trip through the pipeline.
+    The same bits as ``str(uuid.uuid4())`` (``os.urandom``, read 4 KiB at a time so one
+    system call serves 256 ids), formatted without the UUID object, which cost more than
+    a request's trip through the pipeline.
     """
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    global _pool, _at
+    a = _at
+    if a >= len(_pool):
+        _pool, a = os.urandom(16 * _POOL_IDS).hex(), 0
+    _at = a + 32
+    h = _pool
+    return (
+        f"{h[a : a + 8]}-{h[a + 8 : a + 12]}-4{h[a + 13 : a + 16]}-"
+        f"{_VARIANT[h[a + 16]]}{h[a + 17 : a + 20]}-{h[a + 20 : a + 32]}"
+    )
 
 
-def _check_timeout(
-    _inst: object, _attr: attrs.Attribute[float | None], value: float | None
-) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {value!r}")
+def _reseed() -> None:
+    global _pool, _at
+    _pool, _at = "", 0
 
 
-@attrs.define(eq=False, slots=True)
+os.register_at_fork(after_in_child=_reseed)  # a forked process never repeats its parent's ids
+
+
+@attrs.define(eq=False, slots=True, init=False, on_setattr=attrs.setters.NO_OP)
 class PromptRequest:
     """One prompt submitted to the pipeline.
 
@@ -91,11 +108,32 @@ class PromptRequest:
         SessionId('u1')
     """
 
-    session: SessionId = attrs.field(converter=_to_session)
-    input: str = attrs.field(validator=attrs.validators.instance_of(str))
-    meta: dict[str, str] = attrs.field(factory=dict, converter=_to_meta)
-    request_id: str = attrs.field(factory=new_request_id)
-    timeout: float | None = attrs.field(default=None, validator=_check_timeout, kw_only=True)
+    session: SessionId
+    input: str
+    meta: dict[str, str]
+    request_id: str
+    timeout: float | None
+
+    # Written out rather than generated: attrs' converters and validators cost more than
+    # the request's whole trip through the pipeline, and every request is made here.
+    def __init__(
+        self,
+        session: SessionId | str,
+        input: str,  # noqa: A002 - the seed's field name
+        meta: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        self.session = session if type(session) is SessionId else _to_session(session)
+        if not isinstance(input, str):
+            raise TypeError(f"'input' must be a str, got {type(input).__name__}")
+        self.input = input
+        self.meta = {} if meta is None else dict(meta)
+        self.request_id = new_request_id() if request_id is None else request_id
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.timeout = timeout
 
 
 class RequestStatus(enum.StrEnum):
