@@ -257,8 +257,8 @@ async def _sse(ticket: Ticket) -> AsyncIterator[str]:
         ticket.cancel_nowait()  # the client left before the end: nobody will read it
 
 
-def _find(request: Request) -> Ticket:
-    ticket = handles_of(request).get(request.path_params["request_id"])
+async def _find(request: Request) -> Ticket:
+    ticket = await handles_of(request).find(request.path_params["request_id"])
     if ticket is None:
         raise HTTPException(404, "unknown request id")
     return ticket
@@ -266,7 +266,7 @@ def _find(request: Request) -> Ticket:
 
 async def status(request: Request) -> Response:
     """``GET /api/v1/status/{request_id}``: the request as it is now."""
-    return JsonResponse(ticket_body(_find(request)))
+    return JsonResponse(ticket_body(await _find(request)))
 
 
 async def result(request: Request) -> Response:
@@ -276,7 +276,7 @@ async def result(request: Request) -> Response:
     the server's drain runs out of time first, the answer is a 503 with the request's id
     and status (the client may ask again elsewhere).
     """
-    ticket = _find(request)
+    ticket = await _find(request)
     limit = config_of(request).timeout_seconds
     raw = request.query_params.get("timeout")
     timeout = limit
@@ -323,7 +323,7 @@ async def _disconnected(receive: Receive) -> None:
 async def cancel(request: Request) -> Response:
     """``DELETE /api/v1/requests/{request_id}``: cancel the request wherever it is (its
     worker call included) and answer its status; a finished request keeps its own."""
-    ticket = _find(request)
+    ticket = await _find(request)
     await ticket.cancel()
     return JsonResponse(ticket_body(ticket))
 

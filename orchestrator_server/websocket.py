@@ -8,7 +8,8 @@ Server -> client: ``{"request_id", "status": "processing"}``, then (with ``"stre
 "error"}``. Bad input gets ``{"error": "..."}`` and the socket stays open.
 
 Frames go out through a bounded queue drained by one sender task: the pipeline never waits
-on a client. A client that stops reading (queue full, or a send slower than
+on a client. The connection's task group owns the sender and one follower per request, so
+none outlives the connection. A client that stops reading (queue full, or a send slower than
 ``ws_send_timeout``) is disconnected and its requests are cancelled; so are the requests
 of a client that disconnects.
 """
@@ -21,6 +22,8 @@ import json
 import logging
 from typing import Any
 
+import anyio
+import anyio.abc
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from orchestrator import OrchestratorError, RateLimited, Ticket
@@ -42,17 +45,19 @@ _INTERNAL_ERROR = 1011
 
 
 class _Connection:
-    def __init__(self, websocket: WebSocket) -> None:
+    """One socket: its outbox, its requests, and the task group that owns its sender and
+    the followers of its requests (so none outlives the connection)."""
+
+    def __init__(self, websocket: WebSocket, tg: anyio.abc.TaskGroup) -> None:
         self.websocket = websocket
+        self.tg = tg
         self.config = config_of(websocket)
         self.handles = handles_of(websocket)
-        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(_OUTBOX_FRAMES)
+        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_OUTBOX_FRAMES)
         self.tickets: dict[str, Ticket] = {}
-        self.followers: set[asyncio.Task[None]] = set()
         client = websocket.client
         self.default_session = f"ip:{client.host}" if client else "anonymous"
         self.too_slow = False
-        self.sender_task: asyncio.Task[None] | None = None
 
     def emit(self, frame: dict[str, Any]) -> None:
         """Queue a frame; a client so far behind that the queue is full is dropped."""
@@ -62,14 +67,20 @@ class _Connection:
             self.outbox.put_nowait(frame)
         except asyncio.QueueFull:
             self.too_slow = True
-            if self.sender_task is not None:
-                self.sender_task.cancel()
+            self.tg.cancel_scope.cancel()
 
     async def sender(self) -> None:
+        """Send the queued frames; one that takes longer than ``ws_send_timeout`` marks
+        the client too slow and ends the connection."""
         send, timeout = self.websocket.send_text, self.config.ws_send_timeout
-        while (frame := await self.outbox.get()) is not None:
-            async with asyncio.timeout(timeout):
+        while True:
+            frame = await self.outbox.get()
+            with anyio.move_on_after(timeout) as scope:
                 await send(json.dumps(frame))
+            if scope.cancelled_caught:
+                self.too_slow = True
+                self.tg.cancel_scope.cancel()
+                return
 
     async def handle(self, text: str) -> None:
         if len(text.encode()) > self.config.max_ws_message_size:
@@ -96,9 +107,7 @@ class _Connection:
             return
         self.tickets[ticket.request_id] = ticket
         self.emit({"request_id": ticket.request_id, "status": "processing"})
-        task = asyncio.create_task(self.follow(ticket, stream))
-        self.followers.add(task)
-        task.add_done_callback(self.followers.discard)
+        self.tg.start_soon(self.follow, ticket, stream)
 
     def cancel(self, request_id: object) -> None:
         """Cancel a request sent on this socket; its final frame says ``cancelled``."""
@@ -109,52 +118,54 @@ class _Connection:
         ticket.cancel_nowait()
 
     async def follow(self, ticket: Ticket, stream: bool) -> None:
+        """Relay a request's tokens (if asked) and its final frame. Cancelled with the
+        connection, it leaves the ticket listed, for ``abandon`` to cancel."""
         request_id = ticket.request_id
-        try:
-            if stream:
-                try:
-                    async for token in ticket.tokens():
-                        self.emit({"request_id": request_id, "status": "streaming", "token": token})
-                except OrchestratorError:
-                    pass  # reported in the final frame
-            await ticket.wait()
-            frame: dict[str, Any] = {"request_id": request_id, "status": ticket.status.value}
-            if ticket.error is None:
-                frame["result"] = ticket.text
-            else:
-                frame["error"] = str(ticket.error)
-            self.emit(frame)
-        finally:
-            self.tickets.pop(request_id, None)
+        if stream:
+            try:
+                async for token in ticket.tokens():
+                    self.emit({"request_id": request_id, "status": "streaming", "token": token})
+            except OrchestratorError:
+                pass  # reported in the final frame
+        await ticket.wait()
+        self.tickets.pop(request_id, None)
+        frame: dict[str, Any] = {"request_id": request_id, "status": ticket.status.value}
+        if ticket.error is None:
+            frame["result"] = ticket.text
+        else:
+            frame["error"] = str(ticket.error)
+        self.emit(frame)
 
     def abandon(self) -> None:
+        """The connection is over: its requests nobody will read are cancelled."""
         for ticket in list(self.tickets.values()):
             ticket.cancel_nowait()
-        for task in list(self.followers):
-            task.cancel()
 
 
 async def stream_endpoint(websocket: WebSocket) -> None:
     """Serve one WebSocket connection until the client leaves or is too slow."""
     await websocket.accept()
-    connection = _Connection(websocket)
-    sender = connection.sender_task = asyncio.create_task(connection.sender())
-    receiver = asyncio.create_task(_receive_loop(connection))
+    connection: _Connection | None = None
+    failure: BaseException | None = None
     try:
-        await asyncio.wait([sender, receiver], return_when=asyncio.FIRST_COMPLETED)
+        async with anyio.create_task_group() as tg:
+            connection = _Connection(websocket, tg)
+            tg.start_soon(connection.sender)
+            await _receive_loop(connection)
+            tg.cancel_scope.cancel()  # the client left: the sender and followers stop
+    except Exception as exc:  # a bug: log it, tell the client, no trace
+        failure = exc
     finally:
-        connection.abandon()
-        receiver.cancel()
-        sender.cancel()
-        sent, received = await asyncio.gather(sender, receiver, return_exceptions=True)
-        if connection.too_slow or isinstance(sent, TimeoutError):
-            logger.warning("disconnecting a WebSocket client that does not read its frames")
-            with contextlib.suppress(RuntimeError, OSError):
-                await websocket.close(_SLOW_CLIENT, "client too slow")
-        elif isinstance(received, Exception):  # a bug: log it, tell the client, no trace
-            logger.error("WebSocket handler failed", exc_info=received)
-            with contextlib.suppress(RuntimeError, OSError):
-                await websocket.close(_INTERNAL_ERROR, "internal server error")
+        if connection is not None:
+            connection.abandon()
+    if connection is not None and connection.too_slow:
+        logger.warning("disconnecting a WebSocket client that does not read its frames")
+        with contextlib.suppress(RuntimeError, OSError):
+            await websocket.close(_SLOW_CLIENT, "client too slow")
+    elif failure is not None:
+        logger.error("WebSocket handler failed", exc_info=failure)
+        with contextlib.suppress(RuntimeError, OSError):
+            await websocket.close(_INTERNAL_ERROR, "internal server error")
 
 
 async def _receive_loop(connection: _Connection) -> None:
