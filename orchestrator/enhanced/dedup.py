@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
 from typing import TYPE_CHECKING, Final, TypeVar, cast, final
 
 from orchestrator import metrics
 from orchestrator._tasks import spawn
+from orchestrator._waiters import Waiters
 from orchestrator.errors import PipelineClosed
 
 if TYPE_CHECKING:
@@ -33,19 +33,6 @@ V = TypeVar("V")
 
 _JOINS: Final = metrics.DEDUP_JOINS.labels()
 _MISSING: Final = object()
-
-
-def _wake(waiters: list[asyncio.Future[None]]) -> None:
-    for fut in waiters:
-        if not fut.done():
-            fut.set_result(None)
-    waiters.clear()
-
-
-def _forget(waiters: list[asyncio.Future[None]], fut: asyncio.Future[None]) -> None:
-    # A waiter woken and then cancelled is no longer in the list: _wake() cleared it.
-    with contextlib.suppress(ValueError):
-        waiters.remove(fut)
 
 
 @final
@@ -65,13 +52,15 @@ class _Flight:
         "task",
         "value",
         "waiters",
+        "waiting",
     )
 
     def __init__(self, key: Hashable, registry: dict[Hashable, _Flight]) -> None:
         self.key = key
         self.registry = registry  # the dict of flights it is listed in while in flight
         self.task: asyncio.Task[None] | None = None
-        self.waiters: list[asyncio.Future[None]] = []
+        self.waiters = Waiters()  # woken when the call ends (run) or an item comes (stream)
+        self.waiting = 0  # run: callers waiting; the last one leaving abandons the call
         self.running = False  # its task started (a task cancelled before it starts never runs)
         self.finished = False
         self.abandoned = False  # the last waiter left and cancelled it
@@ -158,7 +147,7 @@ class Deduplicator:
         """Number of callers waiting on ``key`` in ``run`` plus those iterating it in ``stream``."""
         call = self._calls.get(key)
         stream = self._streams.get(key)
-        return (len(call.waiters) if call else 0) + (stream.subscribers if stream else 0)
+        return (call.waiting if call else 0) + (stream.subscribers if stream else 0)
 
     @property
     def stored(self) -> int:
@@ -200,15 +189,14 @@ class Deduplicator:
         else:
             _JOINS.inc()
         if not flight.finished:
-            fut = loop.create_future()
-            waiters = flight.waiters
-            waiters.append(fut)
+            flight.waiting += 1
             try:
-                await fut
+                await flight.waiters.wait()
             except BaseException:
-                _forget(waiters, fut)
-                if not waiters and not flight.finished:
-                    self._abandon(flight)
+                if not flight.finished:
+                    flight.waiting -= 1
+                    if not flight.waiting:
+                        self._abandon(flight)
                 raise
         if flight.error is not None:
             flight.raise_error()
@@ -236,7 +224,7 @@ class Deduplicator:
             self._tasks.discard(flight.task)
         if flight.registry.get(flight.key) is flight:
             del flight.registry[flight.key]
-        _wake(flight.waiters)
+        flight.waiters.wake_all()
 
     def _abandon(self, flight: _Flight) -> None:
         flight.abandoned = True
@@ -298,13 +286,7 @@ class Deduplicator:
                     i += 1
                 if flight.finished:
                     break
-                fut = asyncio.get_running_loop().create_future()
-                waiters.append(fut)
-                try:
-                    await fut
-                except BaseException:
-                    _forget(waiters, fut)
-                    raise
+                await waiters.wait()
         finally:
             flight.subscribers -= 1
             if not flight.subscribers and not flight.finished:
@@ -321,7 +303,7 @@ class Deduplicator:
                 async for item in iterator:
                     items.append(item)
                     if waiters:
-                        _wake(waiters)
+                        waiters.wake_all()
             finally:
                 # An async generator cancelled mid-await has already finished; other
                 # iterators with an aclose() (an HTTP response stream, ...) close here.
