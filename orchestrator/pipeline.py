@@ -25,7 +25,7 @@ from orchestrator.config import PipelineConfig
 from orchestrator.enhanced.cache import cache_key
 from orchestrator.enhanced.dedup import Deduplicator
 from orchestrator.enhanced.priority import Priority, PriorityQueue
-from orchestrator.errors import Overloaded, PipelineClosed, RateLimited
+from orchestrator.errors import InvalidRequest, Overloaded, PipelineClosed, RateLimited
 from orchestrator.ticket import Ticket
 from orchestrator.types import PromptRequest, RequestStatus, SessionId
 from orchestrator.workers.base import ModelWorker
@@ -230,7 +230,8 @@ class PipelineHandles:
                     str(request.session),
                     limit=decision.limit,
                     remaining=decision.remaining,
-                    reset_in=decision.retry_after,
+                    retry_after=decision.retry_after,
+                    reset_in=decision.reset_in,
                 )
         cache = self._cache
         if cache is not None:
@@ -290,9 +291,12 @@ class PipelineHandles:
     def _new_ticket(self, request: PromptRequest) -> Ticket:
         if self._closed:
             raise PipelineClosed("the pipeline is shutting down and admits no new requests")
-        priority = Priority.parse(request.meta.get("priority"))
+        try:
+            priority = Priority.parse(request.meta.get("priority"))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
         if request.request_id in self._records:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
         return Ticket(request, priority, self._finished_callback)
 
     def _accept(self, ticket: Ticket) -> None:
