@@ -2,10 +2,12 @@
 
 Each works alone and plugs into ``PipelineConfig`` (``cache=``, ``rate_limiter=``,
 ``dedup=``, ``retry=``, ``circuit_breaker=``; the priority queue is the inference channel).
+``connect_redis`` makes one Redis client for a cache and a limiter to share.
 """
 
 from __future__ import annotations
 
+from orchestrator.enhanced._redis import connect_redis
 from orchestrator.enhanced.cache import CacheLayer, cache_key
 from orchestrator.enhanced.circuit_breaker import CircuitBreaker, CircuitState
 from orchestrator.enhanced.dedup import Deduplicator
@@ -27,4 +29,5 @@ __all__ = [
     "RetryPolicy",
     "UsageInfo",
     "cache_key",
+    "connect_redis",
 ]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol, final
 import attrs
 
 from orchestrator import metrics
-from orchestrator.enhanced._redis import SUSPECT_FRACTION, Outage, connect_redis
+from orchestrator.enhanced._redis import SUSPECT_FRACTION, Outage, client_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -215,7 +215,8 @@ class RateLimiter:
             max_requests: Bucket capacity.
             window_secs: Seconds for an empty bucket to refill completely.
             prefix: Prepended to the session to make its key.
-            client: A ``redis.asyncio.Redis`` to borrow instead of ``url`` (never closed).
+            client: A ``redis.asyncio.Redis`` to borrow instead of ``url`` (never closed),
+                such as one from ``connect_redis`` shared with a cache.
             fail_open: When Redis cannot be reached: allow the request (``True``) or
                 refuse it with ``retry_after=probe_interval`` (``False``).
             connect_timeout: Seconds to open a connection.
@@ -232,14 +233,14 @@ class RateLimiter:
 
         Raises:
             ValueError: Invalid arguments, or neither or both of ``url`` and ``client``.
-            ConnectionError: ``ping`` is true and the server did not answer.
+            BackendUnavailable: ``ping`` is true and the server did not answer.
         """
         from orchestrator.enhanced._rate_limit_redis import RedisBuckets
 
         _validate(max_requests, window_secs)
         if not probe_interval >= 0:
             raise ValueError(f"probe_interval must be >= 0, got {probe_interval!r}")
-        redis_client, owned = await connect_redis(
+        redis_client, owned = await client_for(
             url,
             client,
             connect_timeout=connect_timeout,
@@ -247,7 +248,7 @@ class RateLimiter:
             max_connections=max_connections,
             ping=ping,
         )
-        from redis.exceptions import RedisError  # installed: connect_redis checked
+        from redis.exceptions import RedisError  # installed: client_for checked
 
         outage = Outage(
             "rate limiter's Redis",
