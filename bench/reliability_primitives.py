@@ -26,9 +26,9 @@ import time
 import tracemalloc
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.enhanced import Priority, PriorityQueue
 from orchestrator.enhanced.circuit_breaker import CircuitBreaker
 from orchestrator.enhanced.dedup import Deduplicator
-from orchestrator.enhanced.priority import Priority, PriorityQueue
 from orchestrator.enhanced.retry import RetryPolicy
 from orchestrator.types import PromptRequest
 

@@ -80,7 +80,7 @@ async def main() -> None:
     try:
         await ask("c")
     except CircuitOpen as exc:
-        print(f"   refused without a call: {exc} (retry_in={exc.retry_in:.2f}s)")
+        print(f"   refused without a call: {exc} (retry_after={exc.retry_after:.2f}s)")
 
     print("4. The backend heals; after open_timeout one probe closes the breaker:")
     model.down = 0

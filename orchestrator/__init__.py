@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from orchestrator.config import PipelineConfig
 from orchestrator.errors import (
+    BackendUnavailable,
     CircuitOpen,
     InferenceError,
+    InvalidRequest,
     OrchestratorError,
     Overloaded,
     PipelineClosed,
@@ -37,11 +39,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssembleOutput",
+    "BackendUnavailable",
     "CircuitOpen",
     "EchoWorker",
     "InferenceError",
     "InferenceOutput",
     "InputSender",
+    "InvalidRequest",
     "ModelWorker",
     "OrchestratorError",
     "Overloaded",

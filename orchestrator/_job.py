@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, final
 
-from orchestrator.enhanced.priority import Priority
+from orchestrator._priority import Priority
 from orchestrator.types import PromptRequest
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, final
 
-from orchestrator.enhanced.priority import PriorityQueue
+from orchestrator._priority import PriorityQueue
 from orchestrator.errors import QueueFull
 
 if TYPE_CHECKING:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, final
 
 from orchestrator import metrics
 from orchestrator._job import Job
+from orchestrator._priority import Priority
 from orchestrator._runtime import Runtime
 from orchestrator.config import PipelineConfig
 from orchestrator.enhanced.dedup import Deduplicator
-from orchestrator.enhanced.priority import Priority
 from orchestrator.errors import (
     InvalidRequest,
     Overloaded,
@@ -338,7 +338,8 @@ def _rate_limited(request: PromptRequest, decision: RateDecision) -> RateLimited
         str(request.session),
         limit=decision.limit,
         remaining=decision.remaining,
-        reset_in=decision.retry_after,
+        retry_after=decision.retry_after,
+        reset_in=decision.reset_in,
     )
 
 

@@ -15,9 +15,9 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
-from orchestrator import PipelineConfig, PipelineHandles, spawn_pipeline
+from orchestrator import BackendUnavailable, PipelineConfig, PipelineHandles, spawn_pipeline
 from orchestrator._urls import redact_url
-from orchestrator.enhanced import CacheLayer, RateLimiter
+from orchestrator.enhanced import CacheLayer, RateLimiter, connect_redis
 from orchestrator.hooks import DEFAULT_TEMPLATE, default_retriever
 from orchestrator_server import routes
 from orchestrator_server._drain import GRACE, Drain
@@ -46,6 +46,9 @@ __all__ = [
 
 logger = logging.getLogger("orchestrator_server")
 
+_REDIS_CONNECTIONS = 64
+"""The pool size ``CacheLayer.new_redis`` and ``RateLimiter.new_redis`` give themselves."""
+
 ROUTES = [
     Route("/api/v1/infer", routes.infer, methods=["POST"]),
     Route("/api/v1/status/{request_id}", routes.status, methods=["GET"]),
@@ -61,10 +64,10 @@ async def build_pipeline_config(config: ServerConfig, stack: AsyncExitStack) -> 
     """The ``PipelineConfig`` a standalone server runs with: its policies from ``config``.
 
     With ``redis_url`` the response cache and the rate limiter live in Redis (shared by
-    every replica); otherwise in this process. The server starts even while Redis is
-    down, degraded (cache misses; rate limits fail open) until it answers, and says so
-    at once: a Redis outage never fails requests, at boot or later. ``stack`` closes what
-    this opens.
+    every replica), over one client (one connection pool) that both borrow; otherwise in
+    this process. The server starts even while Redis is down, degraded (cache misses;
+    rate limits fail open) until it answers, and says so at once, in one warning: a Redis
+    outage never fails requests, at boot or later. ``stack`` closes what this opens.
 
     The echo worker gets the seed's demo prompt (a placeholder context line and template);
     any other worker gets the user's prompt as is, since the server configures no
@@ -74,18 +77,21 @@ async def build_pipeline_config(config: ServerConfig, stack: AsyncExitStack) -> 
     limiter: RateLimiter | None = None
     limit, window = config.rate_limit_requests, config.rate_limit_window
     if config.redis_url:
+        # The pool serves a cache lookup, a cache store and a rate-limit check per request:
+        # as many connections as the two pools of their own would have had together.
+        connections = 2 * _REDIS_CONNECTIONS
         try:
-            cache = await CacheLayer.new_redis(config.redis_url, default_ttl=config.cache_ttl)
-        except ConnectionError as exc:
+            client = await connect_redis(config.redis_url, max_connections=connections)
+        except BackendUnavailable as exc:
             logger.warning(
                 "%s; serving degraded (cache misses, rate limits allow) until it answers", exc
             )
-            cache = await CacheLayer.new_redis(
-                config.redis_url, default_ttl=config.cache_ttl, ping=False
-            )
+            client = await connect_redis(config.redis_url, max_connections=connections, ping=False)
+        stack.push_async_callback(client.aclose)  # after the borrowers below: LIFO
+        cache = await CacheLayer.new_redis(client=client, default_ttl=config.cache_ttl, ping=False)
         stack.push_async_callback(cache.aclose)
         if limit is not None:
-            limiter = await RateLimiter.new_redis(config.redis_url, limit, window, ping=False)
+            limiter = await RateLimiter.new_redis(None, limit, window, client=client, ping=False)
             stack.push_async_callback(limiter.aclose)
     else:
         if config.cache_entries:

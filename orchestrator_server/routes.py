@@ -14,6 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 import orchestrator
 from orchestrator import (
+    InvalidRequest,
     OrchestratorError,
     Overloaded,
     PipelineClosed,
@@ -23,7 +24,6 @@ from orchestrator import (
     Ticket,
     metrics,
 )
-from orchestrator.enhanced.priority import Priority
 from orchestrator_server._json import BadJson, JsonResponse, check_text, loads
 
 if TYPE_CHECKING:
@@ -61,8 +61,12 @@ class AppState(TypedDict):
     drain: Drain
 
 
-class BadRequest(ValueError):
-    """The client sent something we cannot use; answered as 400 with the message."""
+class BadRequest(InvalidRequest):
+    """The client sent something we cannot use; answered as 400 with the message.
+
+    An ``InvalidRequest`` (and so a ``ValueError``), like the library's own refusals of a
+    request's content at ``submit``, which get the same answer.
+    """
 
 
 _JSON_TYPES: Final = ("application/json",)
@@ -113,10 +117,7 @@ def parse_infer(
         meta = _metadata(payload.get("metadata"))
     except BadJson as exc:
         raise BadRequest(str(exc)) from None
-    try:
-        Priority.parse(meta.get("priority"))
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
+    # An unknown metadata.priority is the library's to refuse: submit raises InvalidRequest.
     stream = payload.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false")
@@ -352,15 +353,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _rate_limited(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RateLimited)
-    reset = max(1, math.ceil(exc.reset_in))
+    # Retry-After: when the next request is admitted; X-RateLimit-Reset: when the whole
+    # quota is back (the bucket full), as GitHub's API and the IETF RateLimit draft use it.
     return error_response(
         429,
         str(exc),
         {
-            "Retry-After": str(reset),
+            "Retry-After": str(max(1, math.ceil(exc.retry_after))),
             "X-RateLimit-Limit": str(exc.limit),
             "X-RateLimit-Remaining": str(exc.remaining),
-            "X-RateLimit-Reset": str(reset),
+            "X-RateLimit-Reset": str(math.ceil(exc.reset_in)),
         },
     )
 
@@ -375,7 +377,7 @@ async def _closed(request: Request, exc: Exception) -> Response:
     return error_response(503, "the server is shutting down", {"Retry-After": "5"})
 
 
-async def _bad_value(request: Request, exc: Exception) -> Response:
+async def _invalid_request(request: Request, exc: Exception) -> Response:
     return error_response(400, str(exc))
 
 
@@ -389,7 +391,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     RateLimited: _rate_limited,
     Overloaded: _overloaded,
     PipelineClosed: _closed,
-    ValueError: _bad_value,
+    InvalidRequest: _invalid_request,  # BadRequest too; any other ValueError is a bug: 500
     Exception: _internal,
 }
 """Library errors to HTTP answers (matched by MRO); ``Exception`` is the last resort."""

@@ -100,7 +100,7 @@ class _Connection:
         try:
             ticket = await self.handles.submit(request, stream=stream)
         except RateLimited as exc:
-            self.emit({"error": str(exc), "retry_after": exc.reset_in})
+            self.emit({"error": str(exc), "retry_after": exc.retry_after})
             return
         except OrchestratorError as exc:
             self.emit({"error": str(exc)})

@@ -11,6 +11,7 @@ import pytest
 from orchestrator import (
     EchoWorker,
     InferenceError,
+    InvalidRequest,
     Overloaded,
     PipelineClosed,
     PipelineConfig,
@@ -21,6 +22,7 @@ from orchestrator import (
     StageError,
     spawn_pipeline,
 )
+from orchestrator.enhanced import RateLimiter
 from tests.helpers import GateWorker, prompt_for
 
 if TYPE_CHECKING:
@@ -243,11 +245,14 @@ async def test_priority_order_critical_high_normal_low_fifo_within_level() -> No
     assert served == ["3-critical", "2-high", "5-high", "1-normal", "6-None", "0-low", "4-low"]
 
 
-async def test_unknown_priority_is_refused_at_submit() -> None:
-    async with spawn_pipeline(EchoWorker.with_delay(0)) as handles:
-        with pytest.raises(ValueError, match="unknown priority"):
+@pytest.mark.parametrize("policies", [False, True], ids=["fast-path", "with-policies"])
+async def test_unknown_priority_is_refused_at_submit(policies: bool) -> None:
+    config = PipelineConfig(rate_limiter=RateLimiter(10, 60) if policies else None)
+    async with spawn_pipeline(EchoWorker.with_delay(0), config) as handles:
+        with pytest.raises(InvalidRequest, match="unknown priority") as info:
             await handles.submit(PromptRequest("s", "x", meta={"priority": "urgent"}))
         assert handles.in_flight == 0
+    assert isinstance(info.value, ValueError)  # what callers caught before
 
 
 async def test_full_inference_queue_displaces_lower_priority_work() -> None:
@@ -413,7 +418,7 @@ async def test_request_ids_are_unique_per_pipeline() -> None:
     worker = GateWorker()
     async with spawn_pipeline(worker) as handles:
         await handles.submit(PromptRequest("s", "x", request_id="fixed"))
-        with pytest.raises(ValueError, match="already in use"):
+        with pytest.raises(InvalidRequest, match="already in use"):
             await handles.submit(PromptRequest("s", "y", request_id="fixed"))
         worker.gate.set()
 

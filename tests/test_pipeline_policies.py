@@ -140,7 +140,7 @@ async def test_redis_outage_degrades_the_cache_and_it_recovers(
 
 
 async def test_rate_limit_is_enforced_at_submit_per_session() -> None:
-    limiter = RateLimiter(2, 60)
+    limiter = RateLimiter(2, 60, clock=lambda: 0.0)  # time stands still: exact numbers
     async with spawn_pipeline(EchoWorker.with_delay(0), PipelineConfig(rate_limiter=limiter)) as h:
         await h.submit(PromptRequest("alice", "1"))
         await h.submit(PromptRequest("alice", "2"))
@@ -150,7 +150,8 @@ async def test_rate_limit_is_enforced_at_submit_per_session() -> None:
         assert h.in_flight <= 3
     assert info.value.limit == 2
     assert info.value.remaining == 0
-    assert 0 < info.value.reset_in <= 30.0
+    assert info.value.retry_after == pytest.approx(30.0)  # one token back: 60 s / 2
+    assert info.value.reset_in == pytest.approx(60.0)  # both back: the bucket full again
 
 
 # -- dedup ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Final, final
 
 from aiolimiter import AsyncLimiter
 
-from orchestrator.enhanced.rate_limit import RateDecision, UsageInfo
+from orchestrator.enhanced._rate_types import RateDecision, UsageInfo
 
 if TYPE_CHECKING:
     from collections.abc import Callable

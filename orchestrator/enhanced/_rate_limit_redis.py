@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final, cast, final
 
 from orchestrator.enhanced._rate_limit_local import BucketMath
+from orchestrator.enhanced._rate_types import RateDecision
 from orchestrator.enhanced._redis import DOWN, RedisClientOwner
-from orchestrator.enhanced.rate_limit import RateDecision
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from orchestrator.enhanced._rate_types import UsageInfo
     from orchestrator.enhanced._redis import Outage
-    from orchestrator.enhanced.rate_limit import UsageInfo
 
 _LUA: Final = """
 -- One session's token bucket, refilled by the time elapsed on this server's clock.

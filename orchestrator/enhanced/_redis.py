@@ -1,9 +1,10 @@
 """Redis plumbing shared by ``cache`` and ``rate_limit``.
 
-``connect_redis`` makes (or borrows) the client, ``Outage`` lets calls through to the
-server and answers ``DOWN`` for it while it is failing, and ``RedisClientOwner`` closes a
-client the object created. redis-py is imported on use: it is the optional ``redis``
-extra.
+``connect_redis`` (public, as ``orchestrator.enhanced.connect_redis``) makes a client
+that several backends can share; ``client_for`` makes (or borrows) a backend's client,
+``Outage`` lets calls through to the server and answers ``DOWN`` for it while it is
+failing, and ``RedisClientOwner`` closes a client the object created. redis-py is
+imported on use: it is the optional ``redis`` extra.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import warnings
 from typing import TYPE_CHECKING, ClassVar, Final, ParamSpec, TypeVar, cast, final
 
 from orchestrator._urls import redact_url
+from orchestrator.errors import BackendUnavailable
 
 if TYPE_CHECKING:
     import logging
@@ -233,6 +235,58 @@ class Outage:
 
 
 async def connect_redis(
+    url: str,
+    *,
+    connect_timeout: float = 1.0,
+    command_timeout: float = 1.0,
+    max_connections: int = 64,
+    ping: bool = True,
+) -> Redis:
+    """A Redis client with the settings the backends want, for several of them to share.
+
+    ``CacheLayer.new_redis(url)`` and ``RateLimiter.new_redis(url, ...)`` each open a pool
+    of their own; a process that has both can open one and lend it to each with
+    ``client=``. The backends never close a borrowed client: the caller does, after them.
+
+    Args:
+        url: ``redis://[user:password@]host[:port][/db]`` (or ``rediss://``, ``unix://``).
+        connect_timeout: Seconds to open a connection.
+        command_timeout: Seconds for one command, and to wait for a free pooled connection.
+        max_connections: Size of the connection pool (shared by every borrower).
+        ping: Check that the server answers before returning.
+
+    Returns:
+        A ``redis.asyncio.Redis`` over a blocking pool, one immediate retry per command
+        (after a server restart the first command meets a dead socket and reconnects).
+        Close it with ``await client.aclose()``.
+
+    Raises:
+        ValueError: A bad URL (the message shows it with its password redacted).
+        BackendUnavailable: ``ping`` is true and the server did not answer.
+        ImportError: redis-py is not installed (the ``redis`` extra).
+
+    Example:
+        >>> async def main() -> None:  # doctest: +SKIP
+        ...     client = await connect_redis("redis://localhost:6379/0")
+        ...     try:
+        ...         cache = await CacheLayer.new_redis(client=client)
+        ...         limiter = await RateLimiter.new_redis(None, 100, 60, client=client)
+        ...         ...  # PipelineConfig(cache=cache, rate_limiter=limiter)
+        ...     finally:
+        ...         await client.aclose()
+    """
+    client, _ = await client_for(
+        url,
+        None,
+        connect_timeout=connect_timeout,
+        command_timeout=command_timeout,
+        max_connections=max_connections,
+        ping=ping,
+    )
+    return client
+
+
+async def client_for(
     url: str | None,
     client: Redis | None,
     *,
@@ -241,11 +295,12 @@ async def connect_redis(
     max_connections: int,
     ping: bool,
 ) -> tuple[Redis, bool]:
-    """The client to use and whether we own it.
+    """A backend's client (a new one for ``url``, or ``client`` borrowed) and whether it
+    owns it.
 
     Raises:
         ValueError: Neither or both of ``url`` and ``client``, or a bad URL.
-        ConnectionError: ``ping`` is true and the server did not answer.
+        BackendUnavailable: ``ping`` is true and the server did not answer.
         ImportError: redis-py is not installed (the ``redis`` extra).
     """
     try:
@@ -290,12 +345,14 @@ async def connect_redis(
             if owned:
                 await client.aclose()
             where = redact_url(url) if url is not None else "the given client"
-            raise ConnectionError(f"Redis at {where} did not answer PING: {exc}") from exc
+            raise BackendUnavailable(
+                f"Redis at {where} did not answer PING: {exc}", backend="redis"
+            ) from exc
     return client, owned
 
 
 class RedisClientOwner:
-    """Base of a backend holding a client from ``connect_redis``: closes it if owned.
+    """Base of a backend holding a client from ``client_for``: closes it if owned.
 
     A subclass sets ``_client``, ``_owned`` and ``_closed = False`` in ``__init__`` and
     says in ``_unclosed_warning`` how to close it; an owned client never closed warns

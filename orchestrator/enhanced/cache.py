@@ -36,7 +36,7 @@ from orchestrator.enhanced._redis import (
     SUSPECT_FRACTION,
     Outage,
     RedisClientOwner,
-    connect_redis,
+    client_for,
 )
 
 if TYPE_CHECKING:
@@ -246,7 +246,8 @@ class CacheLayer:
         Args:
             url: ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``).
             prefix: Prepended to every key, to share a server with other data.
-            client: A ``redis.asyncio.Redis`` to borrow instead of ``url``: the cache never
+            client: A ``redis.asyncio.Redis`` to borrow instead of ``url`` (such as one
+                from ``connect_redis``, shared with a rate limiter): the cache never
                 closes it. Give it ``decode_responses=False`` (the default) and short
                 timeouts.
             default_ttl: Seconds an entry lives when ``set`` gets no ``ttl_seconds``.
@@ -262,9 +263,9 @@ class CacheLayer:
 
         Raises:
             ValueError: Neither or both of ``url`` and ``client``, or a bad URL or value.
-            ConnectionError: ``ping`` is true and the server did not answer.
+            BackendUnavailable: ``ping`` is true and the server did not answer.
         """
-        client, owned = await connect_redis(
+        client, owned = await client_for(
             url,
             client,
             connect_timeout=connect_timeout,

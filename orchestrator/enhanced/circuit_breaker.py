@@ -7,8 +7,8 @@
        └──(half_open_max_calls probes, success fraction ≥ success_threshold)──────────┤
                                                            └──(too many failed probes)┘
 
-While open, calls fail fast with ``CircuitOpen`` (its ``retry_in`` says when a probe will
-be let through). Only the backend's health counts: a 4xx other than 408 and 429 is the
+While open, calls fail fast with ``CircuitOpen`` (its ``retry_after`` says when a probe
+will be let through). Only the backend's health counts: a 4xx other than 408 and 429 is the
 client's fault, and a cancelled call says nothing about the backend.
 """
 
@@ -205,7 +205,7 @@ class CircuitBreaker:
             if left > 0:
                 raise CircuitOpen(
                     f"circuit breaker {self._name!r} is open, retry in {left:.1f}s",
-                    retry_in=left,
+                    retry_after=left,
                     worker=self._name,
                 )
             self._half_open()
@@ -214,7 +214,7 @@ class CircuitBreaker:
             raise CircuitOpen(
                 f"circuit breaker {self._name!r} is half-open and its "
                 f"{self._half_open_max_calls} probe calls are taken",
-                retry_in=0.0,  # unknown: when the probes finish it closes or reopens
+                retry_after=0.0,  # unknown: when the probes finish it closes or reopens
                 worker=self._name,
             )
         self._probes += 1

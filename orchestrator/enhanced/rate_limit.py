@@ -17,10 +17,11 @@ import math
 import time
 from typing import TYPE_CHECKING, Protocol, final
 
-import attrs
-
 from orchestrator import metrics
-from orchestrator.enhanced._redis import SUSPECT_FRACTION, Outage, connect_redis
+from orchestrator.enhanced._rate_limit_local import GovernorBuckets, TokenBuckets
+from orchestrator.enhanced._rate_limit_redis import RedisBuckets
+from orchestrator.enhanced._rate_types import RateDecision, UsageInfo
+from orchestrator.enhanced._redis import SUSPECT_FRACTION, Outage, client_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -34,48 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["RateDecision", "RateLimiter", "UsageInfo"]
 
 logger = logging.getLogger(__name__)
-
-
-@attrs.frozen(kw_only=True)
-class RateDecision:
-    """The answer to one request: allowed or not, and the numbers for the 429 headers.
-
-    Attributes:
-        allowed: Whether the request may proceed (it took a token).
-        limit: Requests per window (the bucket's capacity).
-        remaining: Whole tokens left after this request.
-        retry_after: Seconds until a request would be allowed (0.0 when allowed).
-        reset_in: Seconds until the bucket is full again.
-
-    Example:
-        >>> RateDecision(allowed=False, limit=10, remaining=0, retry_after=6.0, reset_in=60.0)
-        RateDecision(allowed=False, limit=10, remaining=0, retry_after=6.0, reset_in=60.0)
-    """
-
-    allowed: bool
-    limit: int
-    remaining: int
-    retry_after: float
-    reset_in: float
-
-
-@attrs.frozen
-class UsageInfo:
-    """How much of its budget a session has used, from ``RateLimiter.get_usage``.
-
-    Attributes:
-        used: Tokens taken and not yet refilled (a partly refilled token counts as used).
-        remaining: Whole tokens available now; ``used + remaining`` is the limit.
-        reset_in_secs: Seconds until the bucket is full again.
-
-    Example:
-        >>> UsageInfo(used=3, remaining=97, reset_in_secs=1.8)
-        UsageInfo(used=3, remaining=97, reset_in_secs=1.8)
-    """
-
-    used: int
-    remaining: int
-    reset_in_secs: float
 
 
 class _Buckets(Protocol):
@@ -145,10 +104,6 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         max_sessions: int | None = None,
     ) -> None:
-        # The backends are imported on use: they build this module's RateDecision and
-        # UsageInfo, so importing them at the top would be circular.
-        from orchestrator.enhanced._rate_limit_local import TokenBuckets
-
         _validate(max_requests, window_secs, max_sessions)
         self._setup(TokenBuckets(max_requests, window_secs, clock, max_sessions))
 
@@ -180,8 +135,6 @@ class RateLimiter:
         Raises:
             ValueError: Invalid arguments, as for ``RateLimiter``.
         """
-        from orchestrator.enhanced._rate_limit_local import GovernorBuckets
-
         _validate(max_requests, window_secs, max_sessions)
         return cls._of(GovernorBuckets(max_requests, window_secs, max_sessions))
 
@@ -215,7 +168,8 @@ class RateLimiter:
             max_requests: Bucket capacity.
             window_secs: Seconds for an empty bucket to refill completely.
             prefix: Prepended to the session to make its key.
-            client: A ``redis.asyncio.Redis`` to borrow instead of ``url`` (never closed).
+            client: A ``redis.asyncio.Redis`` to borrow instead of ``url`` (never closed),
+                such as one from ``connect_redis`` shared with a cache.
             fail_open: When Redis cannot be reached: allow the request (``True``) or
                 refuse it with ``retry_after=probe_interval`` (``False``).
             connect_timeout: Seconds to open a connection.
@@ -232,14 +186,12 @@ class RateLimiter:
 
         Raises:
             ValueError: Invalid arguments, or neither or both of ``url`` and ``client``.
-            ConnectionError: ``ping`` is true and the server did not answer.
+            BackendUnavailable: ``ping`` is true and the server did not answer.
         """
-        from orchestrator.enhanced._rate_limit_redis import RedisBuckets
-
         _validate(max_requests, window_secs)
         if not probe_interval >= 0:
             raise ValueError(f"probe_interval must be >= 0, got {probe_interval!r}")
-        redis_client, owned = await connect_redis(
+        redis_client, owned = await client_for(
             url,
             client,
             connect_timeout=connect_timeout,
@@ -247,7 +199,7 @@ class RateLimiter:
             max_connections=max_connections,
             ping=ping,
         )
-        from redis.exceptions import RedisError  # installed: connect_redis checked
+        from redis.exceptions import RedisError  # installed: client_for checked
 
         outage = Outage(
             "rate limiter's Redis",

@@ -12,8 +12,9 @@ exponential   ``base_delay * 2 ** (n-1)``  uniform in [0, delay] ("full jitter")
 
 Full jitter spreads clients that failed together (a backend restart) over the whole
 window, which is why it is the default for exponential backoff; fixed and linear keep at
-least half their delay so that the schedule keeps its meaning. A provider's
-``retry_after`` raises the wait to at least that much (still capped at ``max_delay``).
+least half their delay so that the schedule keeps its meaning. An error's ``retry_after``
+(a provider's ``Retry-After``, ``Overloaded``'s hint) raises the wait to at least that much
+(still capped at ``max_delay``).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
+from orchestrator import BackendUnavailable
 from orchestrator.enhanced import cache as cache_module
 from orchestrator.enhanced.cache import CacheLayer, CacheStats, cache_key
 from orchestrator.metrics import REGISTRY
@@ -496,7 +497,7 @@ async def test_redis_unreachable_at_start_raises_without_leaking_the_password() 
     from tests.redis_server import free_port
 
     url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0"
-    with pytest.raises(ConnectionError, match="did not answer PING") as info:
+    with pytest.raises(BackendUnavailable, match="did not answer PING") as info:
         await CacheLayer.new_redis(url, connect_timeout=0.5)
     assert "s3cret" not in str(info.value)
 
@@ -505,7 +506,7 @@ async def test_redis_unreachable_socket_raises_without_leaking_the_query_passwor
     tmp_path: Path,
 ) -> None:
     url = f"unix://{tmp_path}/none.sock?db=0&password=s3cret"
-    with pytest.raises(ConnectionError, match="did not answer PING") as info:
+    with pytest.raises(BackendUnavailable, match="did not answer PING") as info:
         await CacheLayer.new_redis(url, connect_timeout=0.5)
     assert "s3cret" not in str(info.value)
     assert "password=***" in str(info.value)

@@ -76,8 +76,8 @@ async def test_consecutive_failures_open_the_circuit_and_calls_fail_fast() -> No
     with pytest.raises(CircuitOpen) as info:
         await breaker.call(never)
     assert not called
-    assert info.value.retry_in == pytest.approx(17.5)
     assert info.value.retry_after == pytest.approx(17.5)
+    assert info.value.retry_in == info.value.retry_after  # the deprecated alias
     assert info.value.worker == "t-open"
 
 
@@ -122,7 +122,7 @@ async def test_failing_probes_reopen_the_circuit_as_soon_as_closing_is_impossibl
     assert gauge("t-reopen") == 2
     with pytest.raises(CircuitOpen) as info:
         await breaker.call(ok)
-    assert info.value.retry_in == pytest.approx(30.0)
+    assert info.value.retry_after == pytest.approx(30.0)
 
 
 async def test_half_open_admits_only_half_open_max_calls_probes() -> None:
@@ -133,7 +133,7 @@ async def test_half_open_admits_only_half_open_max_calls_probes() -> None:
     first, second = breaker.before_call(), breaker.before_call()
     with pytest.raises(CircuitOpen, match="probe calls are taken") as info:
         breaker.before_call()
-    assert info.value.retry_in == 0.0
+    assert info.value.retry_after == 0.0
     breaker.record_success(first)
     with pytest.raises(CircuitOpen):  # finished probes keep their slot until the decision
         breaker.before_call()
@@ -202,7 +202,7 @@ async def test_timeouts_throttling_and_server_errors_are_counted(status: int | N
 def test_default_is_failure() -> None:
     assert default_is_failure(RuntimeError("any exception"))
     assert default_is_failure(TimeoutError())
-    assert not default_is_failure(CircuitOpen("another breaker", retry_in=1.0))
+    assert not default_is_failure(CircuitOpen("another breaker", retry_after=1.0))
     assert not default_is_failure(InferenceError("not found", status_code=404))
 
 

@@ -15,6 +15,7 @@ import pytest
 from aiolimiter import AsyncLimiter
 from redis.asyncio import Redis
 
+from orchestrator import BackendUnavailable
 from orchestrator.enhanced import rate_limit as rate_limit_module
 from orchestrator.enhanced.rate_limit import RateDecision, RateLimiter, UsageInfo
 from orchestrator.metrics import REGISTRY
@@ -373,7 +374,7 @@ async def test_redis_refills_in_real_time(redis_url: str, prefix: str) -> None:
 async def test_redis_unreachable_at_start_raises() -> None:
     from tests.redis_server import free_port
 
-    with pytest.raises(ConnectionError, match="did not answer PING"):
+    with pytest.raises(BackendUnavailable, match="did not answer PING"):
         await RateLimiter.new_redis(f"redis://127.0.0.1:{free_port()}/0", 1, 1)
     with pytest.raises(ValueError, match="exactly one"):
         await RateLimiter.new_redis(None, 1, 1)

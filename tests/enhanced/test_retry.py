@@ -171,7 +171,7 @@ async def test_other_exceptions_are_not_retried_by_default() -> None:
 
 
 async def test_circuit_open_is_never_retried_even_if_retry_on_says_so() -> None:
-    fn = Flaky(CircuitOpen("open", retry_in=5.0))
+    fn = Flaky(CircuitOpen("open", retry_after=5.0))
     with pytest.raises(CircuitOpen):
         await policy(FakeSleep(), retry_on=lambda exc: True).call(fn)
     assert fn.calls == 1

@@ -11,8 +11,17 @@ import anyio
 import httpx
 import pytest
 
-from orchestrator import EchoWorker, PipelineConfig, PipelineHandles, PromptRequest, spawn_pipeline
+from orchestrator import (
+    EchoWorker,
+    InvalidRequest,
+    PipelineConfig,
+    PipelineHandles,
+    PromptRequest,
+    RateLimited,
+    spawn_pipeline,
+)
 from orchestrator_server import ServerConfig, create_app
+from orchestrator_server.routes import BadRequest
 from tests.helpers import GateWorker, prompt_for
 
 if TYPE_CHECKING:
@@ -200,23 +209,65 @@ async def test_shutting_down_is_503() -> None:
     assert health.status_code == 503
 
 
-async def test_unexpected_errors_are_a_json_500_without_a_trace() -> None:
-    class Broken:
+@asynccontextmanager
+async def client_raising(error: Exception) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of an app whose pipeline's ``submit`` raises ``error``."""
+
+    class Raising:
         closed = False
 
         async def submit(self, request: PromptRequest, *, stream: bool = False) -> None:
-            raise RuntimeError("secret internals /etc/passwd")
+            raise error
 
-    app = create_app(Broken(), ServerConfig(access_log=False))  # type: ignore[arg-type]
+    app = create_app(Raising(), ServerConfig(access_log=False))  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app) as state:
         transport.app = _with_state(app, state)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            response = await client.post("/api/v1/infer", json={"prompt": "x"})
-    assert response.status_code == 500
+            yield client
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("secret internals /etc/passwd"), ValueError("secret internals /etc/passwd")],
+    ids=["RuntimeError", "ValueError"],
+)
+async def test_unexpected_errors_are_a_json_500_without_a_trace(error: Exception) -> None:
+    async with client_raising(error) as client:
+        response = await client.post("/api/v1/infer", json={"prompt": "x"})
+    assert response.status_code == 500  # a ValueError from a bug is no client's fault
     assert response.json() == {"error": "internal server error"}
     assert "secret" not in response.text
     assert response.headers["x-request-id"]
+
+
+async def test_the_library_refusing_a_request_is_a_400_with_its_reason() -> None:
+    async with client_raising(InvalidRequest("request id 'r1' is already in use")) as client:
+        response = await client.post("/api/v1/infer", json={"prompt": "x"})
+    assert response.status_code == 400
+    assert response.json() == {"error": "request id 'r1' is already in use"}
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "reset_in", "retry_header", "reset_header"),
+    [(20.0, 60.0, "20", "60"), (0.2, 40.01, "1", "41"), (0.0, 0.0, "1", "0")],
+)
+async def test_rate_limited_headers_round_up_the_retry_hint_and_the_full_reset(
+    retry_after: float, reset_in: float, retry_header: str, reset_header: str
+) -> None:
+    limited = RateLimited("u1", limit=3, remaining=0, retry_after=retry_after, reset_in=reset_in)
+    async with client_raising(limited) as client:
+        response = await client.post("/api/v1/infer", json={"prompt": "x"})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == retry_header  # whole seconds, at least 1
+    assert response.headers["x-ratelimit-reset"] == reset_header  # until the bucket is full
+    assert response.headers["x-ratelimit-limit"] == "3"
+    assert response.headers["x-ratelimit-remaining"] == "0"
+
+
+def test_bad_request_is_the_library_s_invalid_request() -> None:
+    assert issubclass(BadRequest, InvalidRequest)
+    assert issubclass(BadRequest, ValueError)  # what callers caught before
 
 
 async def test_request_id_header_is_honoured_when_sane() -> None:

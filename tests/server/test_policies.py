@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 import anyio
 import httpx
 import pytest
+from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
 from orchestrator_server import ServerConfig, create_app
+from orchestrator_server.app import build_pipeline_config
 from tests.helpers import prompt_for
 from tests.server.conftest import serve
 
@@ -33,24 +37,26 @@ async def test_rate_limited_session_gets_429_with_headers() -> None:
     assert "rate limited" in limited.json()["error"]
     assert limited.headers["x-ratelimit-limit"] == "2"
     assert limited.headers["x-ratelimit-remaining"] == "0"
-    assert 1 <= int(limited.headers["retry-after"]) <= 30
-    assert int(limited.headers["x-ratelimit-reset"]) >= 1
+    # One token back in 30 s (60 s / 2): the next request may come then; the bucket is
+    # full again, the whole quota back, in 60 s.
+    assert 29 <= int(limited.headers["retry-after"]) <= 30
+    assert 59 <= int(limited.headers["x-ratelimit-reset"]) <= 60
     assert other.status_code == 200
 
 
 async def test_rate_limit_over_websocket_keeps_the_socket_open() -> None:
-    config = ServerConfig(access_log=False, rate_limit_requests=1, rate_limit_window=60)
+    config = ServerConfig(access_log=False, rate_limit_requests=2, rate_limit_window=60)
     async with serve(create_app(config=config)) as base:
         url = base.replace("http", "ws") + "/api/v1/stream"
         async with connect(url) as ws:
-            await ws.send(json.dumps({"prompt": "a", "session_id": "s"}))
-            await ws.send(json.dumps({"prompt": "b", "session_id": "s"}))
+            for prompt in "abc":
+                await ws.send(json.dumps({"prompt": prompt, "session_id": "s"}))
             with anyio.fail_after(5):
-                frames = [json.loads(await ws.recv()) for _ in range(3)]
+                frames = [json.loads(await ws.recv()) for _ in range(5)]
     limited = [f for f in frames if "error" in f]
     assert len(limited) == 1
     assert "rate limited" in limited[0]["error"]
-    assert limited[0]["retry_after"] > 0
+    assert 29 < limited[0]["retry_after"] <= 30  # the next token, not the full bucket (60)
 
 
 async def test_a_repeated_request_is_answered_from_the_cache_at_once() -> None:
@@ -91,6 +97,51 @@ async def test_replicas_on_one_redis_share_rate_limits_and_cache(
     assert b["status"] == "completed"  # replica two found replica one's answer in Redis
     assert b["result"] == done["result"]
     assert codes == [200, 429]  # three allowed in total, across both replicas
+
+
+async def test_the_cache_and_the_limiter_share_one_redis_client(
+    redis_server: RedisServer,
+) -> None:
+    name = f"one-pool-{uuid.uuid4().hex}"  # tells this test's connections from the rest
+    url = f"{redis_server.url}?client_name={name}"
+    config = ServerConfig(access_log=False, redis_url=url, rate_limit_requests=100)
+
+    async def ours() -> int:
+        async with Redis.from_url(redis_server.url) as admin:
+            return sum(c.get("name") == name for c in await admin.client_list())
+
+    async with AsyncExitStack() as stack:
+        pipeline = await build_pipeline_config(config, stack)
+        cache, limiter = pipeline.cache, pipeline.rate_limiter
+        assert cache is not None
+        assert limiter is not None
+        for _ in range(3):  # one after the other: one pool hands out one connection
+            await cache.set("one-pool", "v")
+            assert await cache.get("one-pool") == "v"
+            assert (await limiter.decide("one-pool")).allowed
+        during = await ours()
+    assert during == 1  # two pools would hold one connection each
+    with anyio.fail_after(5):
+        while await ours():  # the server notices the close in its own time
+            await anyio.sleep(0.01)
+
+
+async def test_the_server_starts_degraded_with_one_warning_while_redis_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tests.redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    config = ServerConfig(access_log=False, redis_url=url, rate_limit_requests=1)
+    with caplog.at_level(logging.WARNING):
+        async with AsyncExitStack() as stack:
+            pipeline = await build_pipeline_config(config, stack)
+            assert pipeline.cache is not None
+            assert pipeline.rate_limiter is not None
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "did not answer PING" in warnings[0].getMessage()
+    assert "serving degraded" in warnings[0].getMessage()
 
 
 async def test_the_server_starts_and_serves_while_redis_is_down() -> None:

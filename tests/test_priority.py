@@ -163,3 +163,15 @@ def test_pop_order_is_priority_then_arrival(levels: list[Priority]) -> None:
     expected = sorted(enumerate(levels), key=lambda e: (-e[1], e[0]))
     assert popped == [(level, i) for i, level in expected]
     assert len(q) == 0
+
+
+def test_the_queue_lives_in_the_core_and_keeps_its_public_homes() -> None:
+    import orchestrator._priority as core
+    import orchestrator.enhanced
+    import orchestrator.enhanced.priority as shim
+
+    for name in ("Priority", "PriorityQueue", "QueueStats"):
+        assert getattr(shim, name) is getattr(core, name)
+        assert getattr(orchestrator.enhanced, name) is getattr(core, name)
+        assert getattr(core, name).__module__ == "orchestrator._priority"
+    assert shim.__all__ == core.__all__ == ["Priority", "PriorityQueue", "QueueStats"]
