@@ -62,7 +62,7 @@ class TokenBuckets(BucketMath):
     dropped first, as soon as they are full.
     """
 
-    __slots__ = ("_clock", "_dropped", "_interval", "_max_sessions", "_tats", "_tolerance")
+    __slots__ = ("_clock", "_drops", "_interval", "_max_sessions", "_tats", "_tolerance")
 
     name: Final = "simple"
 
@@ -75,7 +75,7 @@ class TokenBuckets(BucketMath):
         self._tolerance = window - self._interval + self._interval * _EPS
         self._max_sessions = max_sessions
         self._tats: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self._dropped = 0
+        self._drops = _Drops()
 
     def tracked(self) -> int:
         return len(self._tats)
@@ -88,7 +88,7 @@ class TokenBuckets(BucketMath):
         while dropped < _SWEEP and tats and tats[oldest := next(iter(tats))] <= now:
             del tats[oldest]
             dropped += 1
-        if dropped and _shrink(self, dropped, len(tats)):
+        if dropped and self._drops.shrink(dropped, len(tats)):
             tats = self._tats = collections.OrderedDict(tats)
         tat = tats.get(session)
         if tat is None:
@@ -136,7 +136,7 @@ class GovernorBuckets(BucketMath):
     same arithmetic as the token bucket. A limiter drained to 0 is a fresh one, dropped.
     """
 
-    __slots__ = ("_dropped", "_limiters", "_max_sessions")
+    __slots__ = ("_drops", "_limiters", "_max_sessions")
 
     name: Final = "governor"
 
@@ -144,7 +144,7 @@ class GovernorBuckets(BucketMath):
         super().__init__(limit, window)
         self._max_sessions = max_sessions
         self._limiters: collections.OrderedDict[str, AsyncLimiter] = collections.OrderedDict()
-        self._dropped = 0
+        self._drops = _Drops()
 
     def tracked(self) -> int:
         return len(self._limiters)
@@ -159,7 +159,7 @@ class GovernorBuckets(BucketMath):
         ):
             del limiters[oldest]
             dropped += 1
-        if dropped and _shrink(self, dropped, len(limiters)):
+        if dropped and self._drops.shrink(dropped, len(limiters)):
             limiters = self._limiters = collections.OrderedDict(limiters)
         limiter = limiters.get(session)
         if limiter is None:
@@ -193,22 +193,30 @@ class GovernorBuckets(BucketMath):
         self._limiters.clear()
 
 
-def _shrink(buckets: TokenBuckets | GovernorBuckets, dropped: int, size: int) -> bool:
-    """Count ``dropped`` buckets; true when the table should be copied to a smaller one.
+@final
+class _Drops:
+    """Counts dropped buckets; says when the table should be copied to a smaller one.
 
     A dict never shrinks as keys leave, so after a flood of sessions its table would stay
     at the peak size. Copying once drops outnumber the live buckets 4 to 1 costs O(live),
     paid for by those drops: amortised O(1) per bucket.
     """
-    buckets._dropped += dropped
-    if buckets._dropped <= 4 * size + 1024:
-        return False
-    buckets._dropped = 0
-    return True
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def shrink(self, dropped: int, size: int) -> bool:
+        self.count += dropped
+        if self.count <= 4 * size + 1024:
+            return False
+        self.count = 0
+        return True
 
 
 def _level(limiter: AsyncLimiter) -> float:
     # aiolimiter has no public accessor for its level; 1.0 to 1.3 keep it in ``_level``,
     # drained to now by the has_capacity()/acquire() just before. A test pins this.
-    level: float = limiter._level
+    level: float = limiter._level  # noqa: SLF001 - aiolimiter's, read-only, pinned by a test
     return level
