@@ -146,6 +146,7 @@ class PipelineHandles:
         if not wait:
             self._check_room()  # refuse before spending the session's budget
         key: str | None = None
+        decision: RateDecision | None = None
         if self._policies:
             limiter = self._limiter
             if limiter is not None:
@@ -155,15 +156,20 @@ class PipelineHandles:
             if self._cache is not None:
                 key, cached = await self._cache.lookup(request)
                 if cached is not None:
-                    return self._completed_from_cache(request, cached)
+                    return self._completed_from_cache(request, cached, decision)
             self._check(request)  # shutdown may have begun, or the id been taken, meanwhile
         if wait and self._rag.full():
             await self._rag.wait_for_room()
             self._check(request)
-        return self._enter(request, priority, stream, key)
+        return self._enter(request, priority, stream, key, decision)
 
     def _enter(
-        self, request: PromptRequest, priority: Priority, stream: bool, key: str | None
+        self,
+        request: PromptRequest,
+        priority: Priority,
+        stream: bool,
+        key: str | None,
+        decision: RateDecision | None = None,
     ) -> Ticket:
         """Queue the request for RAG and record it: nothing runs between the two."""
         rag = self._rag
@@ -178,7 +184,7 @@ class PipelineHandles:
         job = Job(record, request, priority, self._loop.time() + timeout, stream, key)
         rag.put_nowait(job)  # cannot fail: the channel has room and is open (checked)
         self._deadlines.add(record, job.deadline, timeout, store.in_flight)
-        return Ticket(record, store, self)
+        return Ticket(record, store, self, decision)
 
     def _check(self, request: PromptRequest) -> Priority:
         if self._closed or self._rag.closed:
@@ -199,12 +205,14 @@ class PipelineHandles:
                 f"pipeline is at capacity ({rag.maxsize} requests waiting for RAG)", stage="rag"
             )
 
-    def _completed_from_cache(self, request: PromptRequest, text: str) -> Ticket:
+    def _completed_from_cache(
+        self, request: PromptRequest, text: str, decision: RateDecision | None
+    ) -> Ticket:
         store = self._store
         record = store.create_nowait(request)
         record.tokens.append(text)  # type: ignore[union-attr]  # a new record's list
         store.finish_nowait(request.request_id, _COMPLETED, result=text)
-        return Ticket(record, store, self)
+        return Ticket(record, store, self, decision)
 
     async def infer(
         self,

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from orchestrator._seams import RequestRecord
+    from orchestrator.enhanced.rate_limit import RateDecision
     from orchestrator.types import PromptRequest
 
 __all__ = ["Ticket"]
@@ -48,12 +49,19 @@ class Ticket:
         ...     print(await ticket.result())
     """
 
-    __slots__ = ("_canceller", "_record", "_store")
+    __slots__ = ("_canceller", "_rate", "_record", "_store")
 
-    def __init__(self, record: RequestRecord, store: _Seams, canceller: Canceller) -> None:
+    def __init__(
+        self,
+        record: RequestRecord,
+        store: _Seams,
+        canceller: Canceller,
+        rate: RateDecision | None = None,
+    ) -> None:
         self._record = record
         self._store = store
         self._canceller = canceller
+        self._rate = rate
 
     def __repr__(self) -> str:
         return f"<Ticket {self._record.id} {self._record.status.value}>"
@@ -102,6 +110,13 @@ class Ticket:
     def token_count(self) -> int:
         """Tokens produced so far."""
         return self._record.token_count
+
+    @property
+    def rate_limit(self) -> RateDecision | None:
+        """The rate limiter's decision that admitted the request (its limit, what remains
+        of the session's quota, when it is full again); ``None`` without a limiter, or for
+        a ticket found by id."""
+        return self._rate
 
     @property
     def created_at(self) -> float:

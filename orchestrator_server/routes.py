@@ -45,6 +45,7 @@ __all__ = [
     "handles_of",
     "parse_infer",
     "parse_json",
+    "rate_headers",
     "ticket_body",
 ]
 
@@ -230,13 +231,15 @@ async def infer(request: Request) -> Response:
     except BadRequest as exc:
         return error_response(400, str(exc))
     ticket = await handles_of(request).submit(prompt_request, stream=stream)
+    rate = ticket.rate_limit
+    headers = None if rate is None else rate_headers(rate.limit, rate.remaining, rate.reset_in)
     if stream:
         return StreamingResponse(
             _sse(ticket),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
         )
-    return JsonResponse(ticket_body(ticket))
+    return JsonResponse(ticket_body(ticket), headers=headers)
 
 
 def _event(name: str, data: Mapping[str, Any]) -> str:
@@ -351,20 +354,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, exc.detail, exc.headers)
 
 
+def rate_headers(limit: int, remaining: int, reset_in: float) -> dict[str, str]:
+    """``X-RateLimit-*``: the limit, what is left, and the seconds until the whole quota
+    is back (the bucket full), as GitHub's API and the IETF RateLimit draft use them."""
+    return {
+        "X-RateLimit-Limit": str(limit),
+        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Reset": str(math.ceil(reset_in)),
+    }
+
+
 async def _rate_limited(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RateLimited)
-    # Retry-After: when the next request is admitted; X-RateLimit-Reset: when the whole
-    # quota is back (the bucket full), as GitHub's API and the IETF RateLimit draft use it.
-    return error_response(
-        429,
-        str(exc),
-        {
-            "Retry-After": str(max(1, math.ceil(exc.retry_after))),
-            "X-RateLimit-Limit": str(exc.limit),
-            "X-RateLimit-Remaining": str(exc.remaining),
-            "X-RateLimit-Reset": str(math.ceil(exc.reset_in)),
-        },
-    )
+    headers = rate_headers(exc.limit, exc.remaining, exc.reset_in)
+    headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))  # the next request
+    return error_response(429, str(exc), headers)
 
 
 async def _overloaded(request: Request, exc: Exception) -> Response:

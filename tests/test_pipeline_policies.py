@@ -142,8 +142,14 @@ async def test_redis_outage_degrades_the_cache_and_it_recovers(
 async def test_rate_limit_is_enforced_at_submit_per_session() -> None:
     limiter = RateLimiter(2, 60, clock=lambda: 0.0)  # time stands still: exact numbers
     async with spawn_pipeline(EchoWorker.with_delay(0), PipelineConfig(rate_limiter=limiter)) as h:
-        await h.submit(PromptRequest("alice", "1"))
+        first = await h.submit(PromptRequest("alice", "1"))
         await h.submit(PromptRequest("alice", "2"))
+        assert first.rate_limit is not None  # the decision that admitted it
+        assert (first.rate_limit.limit, first.rate_limit.remaining) == (2, 1)
+        assert first.rate_limit.reset_in == pytest.approx(30.0)
+        found = h.get(first.request_id)
+        assert found is not None
+        assert found.rate_limit is None  # a ticket found by id knows no admission
         with pytest.raises(RateLimited) as info:
             await h.submit(PromptRequest("alice", "3"))
         assert (await h.submit(PromptRequest("bob", "1"))).request_id

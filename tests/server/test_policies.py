@@ -29,10 +29,16 @@ async def test_rate_limited_session_gets_429_with_headers() -> None:
     config = ServerConfig(access_log=False, rate_limit_requests=2, rate_limit_window=60)
     async with serve(create_app(config=config)) as base, httpx.AsyncClient(base_url=base) as c:
         body = {"prompt": "x", "session_id": "user-1"}
-        codes = [(await c.post("/api/v1/infer", json=body)).status_code for _ in range(2)]
+        admitted = [await c.post("/api/v1/infer", json=body) for _ in range(2)]
         limited = await c.post("/api/v1/infer", json=body)
         other = await c.post("/api/v1/infer", json={**body, "session_id": "user-2"})
-    assert codes == [200, 200]
+        streamed = await c.post("/api/v1/infer", json={**body, "session_id": "u3", "stream": True})
+    assert [r.status_code for r in admitted] == [200, 200]
+    # Successful answers carry the quota too: what is left, and when it is all back.
+    assert [r.headers["x-ratelimit-remaining"] for r in admitted] == ["1", "0"]
+    assert all(r.headers["x-ratelimit-limit"] == "2" for r in admitted)
+    assert 29 <= int(admitted[0].headers["x-ratelimit-reset"]) <= 30  # one token to refill
+    assert streamed.headers["x-ratelimit-remaining"] == "1"
     assert limited.status_code == 429
     assert "rate limited" in limited.json()["error"]
     assert limited.headers["x-ratelimit-limit"] == "2"
