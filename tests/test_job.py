@@ -48,6 +48,7 @@ async def test_a_pickle_round_trip_keeps_every_data_field() -> None:
     )
     clone = pickle.loads(pickle.dumps(job))
     assert type(clone) is Job
+    assert repr(clone) == "<Job r-1 high attempt 3>"
     for name in (*DATA, "stream"):
         assert getattr(clone, name) == getattr(job, name), name
     assert clone.priority is Priority.HIGH

@@ -5,6 +5,7 @@ Inference stage's calls: streaming decided at submit, a cancel reaching the call
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from orchestrator import (
     RequestCancelled,
     RequestStatus,
     RequestTimeout,
+    StageError,
     metrics,
     spawn_pipeline,
 )
@@ -314,6 +316,50 @@ async def test_a_stage_stopped_while_draining_cancels_the_hooks_in_hand(stop: st
     finally:
         hook.release.set()  # (lets a stage that did not stop end)
         await asyncio.wait({host})
+
+
+async def test_an_async_hook_that_raises_fails_its_request_and_the_stage_serves_on() -> None:
+    async def retriever(request: PromptRequest) -> str:
+        if request.input == "bad":
+            raise KeyError("no such document")
+        return "ctx"
+
+    config = PipelineConfig(retriever=retriever, template="{context}|{input}")
+    async with spawn_pipeline(GateWorker(open_=True), config) as handles:
+        bad = await handles.submit(PromptRequest("s", "bad"))
+        with anyio.fail_after(5):
+            with pytest.raises(StageError, match="no such document") as info:
+                await bad.result()
+            assert await handles.infer("good") == "ctx|good"
+    assert info.value.stage == "rag"
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+async def test_a_request_ended_while_waiting_for_a_hook_slot_never_runs_its_hook() -> None:
+    # One hook at a time: the second request's hook waits for the slot, and is dropped
+    # (its coroutine closed: no "never awaited" warning) when the request ends meanwhile.
+    ran: list[str] = []
+    gate = asyncio.Event()
+
+    async def retriever(request: PromptRequest) -> str:
+        ran.append(request.input)
+        await gate.wait()
+        return ""
+
+    config = PipelineConfig(retriever=retriever, template="{input}", stage_concurrency=1)
+    async with spawn_pipeline(GateWorker(open_=True), config) as handles:
+        first = await handles.submit(PromptRequest("s", "first"))
+        second = await handles.submit(PromptRequest("s", "second"))
+        await anyio.wait_all_tasks_blocked()
+        assert ran == ["first"]
+        assert await second.cancel() is True
+        gate.set()
+        with anyio.fail_after(5):
+            assert await first.result() == "first"
+            assert await handles.infer("third") == "third"
+    assert ran == ["first", "third"]
+    assert second.status is RequestStatus.CANCELLED
+    gc.collect()  # a coroutine left unclosed would warn here
 
 
 # -- the Inference stage -------------------------------------------------------------------

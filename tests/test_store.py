@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
+from orchestrator._job import Job
 from orchestrator._store import MemoryStore, Record
+from orchestrator.enhanced.priority import Priority
 from orchestrator.errors import InferenceError, InvalidRequest
 from orchestrator.types import PromptRequest, RequestStatus
 
@@ -61,6 +63,26 @@ async def test_create_refuses_an_id_in_use() -> None:
     assert store.peek("a") is first
     assert store.in_use("a")
     assert not store.in_use("b")
+
+
+async def test_create_records_a_job_as_pending() -> None:
+    store = _store()
+    request = PromptRequest("s", "hi", request_id="a")
+    record = await store.create(Job(_placeholder(), request, Priority.NORMAL, 0.0))
+    assert await store.read("a") is record
+    assert (record.status, record.request, record.finished) == (
+        RequestStatus.PENDING,
+        request,
+        False,
+    )
+    assert repr(record) == "<Record a pending>"
+    with pytest.raises(InvalidRequest):
+        await store.create(Job(record, request, Priority.NORMAL, 0.0))
+
+
+def _placeholder() -> Record:
+    """A record of another store, for a job the store under test is to record."""
+    return _create(_store(), "elsewhere")
 
 
 async def test_a_finished_record_still_holds_its_id() -> None:
@@ -233,6 +255,7 @@ async def test_many_finished_tokens_replay_exactly_and_share_the_result() -> Non
     with anyio.fail_after(5):
         assert [t async for t in store.read_tokens("a")] == tokens
     assert record.token_count == 200
+    assert list(record.tokens) == tokens
     assert record.tokens.text is result  # type: ignore[union-attr]  # one copy of the text
     assert text == result
 
