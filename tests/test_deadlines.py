@@ -157,6 +157,26 @@ async def test_finished_records_are_skipped(
     assert store.peek("done").status is RequestStatus.COMPLETED  # type: ignore[union-attr]
 
 
+async def test_a_stuck_head_does_not_hide_the_live_records_behind_it(
+    reaper: tuple[Deadlines, FakeTimers, MemoryStore, Reaped],
+) -> None:
+    # Behind an unfinished head, finished entries pile up until the bucket is compacted;
+    # the unfinished ones must survive the compaction, in order.
+    deadlines, timers, store, reaped = reaper
+    _add(deadlines, timers, _record(store, "head"), 10.0)
+    live = []
+    for i in range(300):
+        timers.now = i / 1000
+        record = _record(store, f"r{i}")
+        deadlines.add(record, timers.now + 10.0, 10.0, live=2)
+        if i % 100 == 50:
+            live.append(record.id)  # these stay unfinished
+        else:
+            await store.finish(record.id, RequestStatus.COMPLETED, result="")
+    await _advance(timers, 20.0)
+    assert reaped.ids == ["head", *live]
+
+
 async def test_a_due_request_is_expired_exactly_once(
     reaper: tuple[Deadlines, FakeTimers, MemoryStore, Reaped],
 ) -> None:
