@@ -185,11 +185,14 @@ class Runtime:
                         logger.warning(
                             "shutdown: %d requests unfinished after %.1fs",
                             self.store.in_flight,
-                            self.drain_timeout,
+                            timeout,
                         )
                     tg.cancel_scope.cancel()  # leftovers cancelled: they fail, none vanish
-        finally:
+        except asyncio.CancelledError:  # the loop is closing under the pipeline
             self.fail_leftovers(None)
+            raise
+        # A stage's crash propagates: the supervisor fails the leftovers, chained to it.
+        self.fail_leftovers(None)
 
     async def _last_stage(self) -> None:
         try:

@@ -211,7 +211,6 @@ class HookStage:
         clock = time.perf_counter
         outbox = self.outbox
         channel = outbox if isinstance(outbox, Channel) else None
-        drained = False
         try:
             while True:
                 if not items and not await inbox.wait():
@@ -237,10 +236,12 @@ class HookStage:
                     channel.put_nowait(job)
                 elif outbox is not None:
                     await self.forward(job)
-            drained = True
+            await self._hooks.close(cancel=False)  # drained: the hooks in hand finish
         finally:
+            # Stopped, even while waiting for them above: the hooks left are cancelled (not
+            # waited for without end) and awaited, since they are this stage's.
             with anyio.CancelScope(shield=True):
-                await self._hooks.close(cancel=not drained)
+                await self._hooks.close(cancel=True)
             if outbox is not None:
                 outbox.close()
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
+import warnings
 from typing import TYPE_CHECKING
 
 import anyio
@@ -439,6 +442,84 @@ async def test_input_tx_send_waits_for_room_instead_of_shedding() -> None:
         tickets = await asyncio.gather(*sends)
         results = await asyncio.gather(*(t.result() for t in tickets))
     assert sorted(results) == sorted(prompt_for(f"r{i}") for i in range(8))
+
+
+async def test_shutdown_fails_a_send_waiting_for_room_at_once() -> None:
+    # The reproduction: every capacity 1, a worker that never answers (the 3 s
+    # worker), a producer blocked in input_tx.send() on the full pipeline. Before, the
+    # producer was still blocked 3 s after shutdown returned.
+    worker = GateWorker()
+    config = PipelineConfig(
+        rag_capacity=1,
+        assemble_capacity=1,
+        inference_capacity=1,
+        post_capacity=1,
+        stream_capacity=1,
+        max_concurrency=1,
+    )
+    handles = spawn_pipeline(worker, config)
+    accepted = []
+
+    async def produce() -> None:
+        for i in range(100):
+            accepted.append(await handles.input_tx.send(PromptRequest("s", f"r{i}")))
+
+    producer = asyncio.create_task(produce())
+    with anyio.fail_after(5):
+        await worker.wait_started(1)
+    await anyio.wait_all_tasks_blocked()
+    assert not producer.done()  # blocked: the pipeline is full
+    assert 1 < len(accepted) < 100
+    start = time.monotonic()
+    shutting = asyncio.create_task(handles.shutdown(drain_timeout=0.2))
+    with anyio.fail_after(5), pytest.raises(PipelineClosed):
+        await producer
+    assert not shutting.done()  # the producer failed as shutdown began, not when it ended
+    with anyio.fail_after(5):
+        await shutting
+    assert time.monotonic() - start < 1.0
+    assert [t.status for t in accepted] == [RequestStatus.FAILED] * len(accepted)
+    assert all(isinstance(t.error, PipelineClosed) for t in accepted)
+    assert worker.cancelled == 1
+
+
+def test_a_pipeline_dropped_without_shutdown_warns_when_its_loop_closes() -> None:
+    # The warning is raised in the pipeline's supervisor task as asyncio.run() cancels the
+    # tasks left; pytest.warns records it (under this suite's "error" filter alone, it
+    # would end that task and reach only the loop's exception handler).
+    tickets = []
+
+    async def main() -> None:
+        handles = spawn_pipeline(GateWorker())
+        tickets.append(await handles.submit(PromptRequest("s", "never answered")))
+        # The pipeline running, the call in flight. (Dropped before its stage tasks ever ran,
+        # it also leaves "coroutine ... was never awaited" RuntimeWarnings: anyio 4.16 wraps
+        # each task's coroutine, and asyncio.run() cancels the wrapper before it starts.)
+        await anyio.wait_all_tasks_blocked()
+
+    with pytest.warns(ResourceWarning) as record:
+        asyncio.run(main())
+    gc.collect()  # any other warning (a coroutine never awaited...) fails the test here
+    assert len(record) == 1
+    assert str(record[0].message) == (
+        "a pipeline was not shut down: use `async with spawn_pipeline(...)` or "
+        "`await handles.shutdown()`"
+    )
+    [ticket] = tickets
+    assert ticket.status is RequestStatus.FAILED  # ended, not lost
+    assert isinstance(ticket.error, PipelineClosed)
+
+
+def test_a_pipeline_shut_down_does_not_warn() -> None:
+    async def main() -> None:
+        async with spawn_pipeline(EchoWorker.with_delay(0)) as handles:
+            await handles.infer("x")
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        asyncio.run(main())
+        gc.collect()
+    assert [str(w.message) for w in record] == []
 
 
 async def test_spawn_pipeline_refuses_a_non_worker() -> None:

@@ -12,6 +12,7 @@ import pytest
 from orchestrator import (
     EchoWorker,
     InferenceError,
+    Overloaded,
     PipelineConfig,
     PromptRequest,
     RateLimited,
@@ -158,6 +159,35 @@ async def test_rate_limit_is_enforced_at_submit_per_session() -> None:
     assert info.value.remaining == 0
     assert info.value.retry_after == pytest.approx(30.0)  # one token back: 60 s / 2
     assert info.value.reset_in == pytest.approx(60.0)  # both back: the bucket full again
+
+
+async def test_a_full_pipeline_refuses_before_spending_the_sessions_budget() -> None:
+    gate = asyncio.Event()
+
+    async def retriever(request: PromptRequest) -> str:
+        await gate.wait()
+        return ""
+
+    config = PipelineConfig(
+        rate_limiter=RateLimiter(2, 60), retriever=retriever, rag_capacity=1, stage_concurrency=1
+    )
+    async with spawn_pipeline(EchoWorker.with_delay(0), config) as handles:
+        fillers = []
+        for i in range(3):  # one in the RAG hook, one waiting for it, one queued: full
+            fillers.append(await handles.submit(PromptRequest(f"filler{i}", "x")))
+            await anyio.wait_all_tasks_blocked()
+        for _ in range(3):
+            with pytest.raises(Overloaded):
+                await handles.submit(PromptRequest("alice", "q"))
+        gate.set()
+        with anyio.fail_after(5):
+            for ticket in fillers:
+                await ticket.wait()
+            # Refused three times, alice has spent nothing: her two requests go through.
+            assert await handles.infer("q", session_id="alice")
+            assert await handles.infer("q", session_id="alice")
+        with pytest.raises(RateLimited):
+            await handles.submit(PromptRequest("alice", "q"))
 
 
 # -- dedup ---------------------------------------------------------------------------------
