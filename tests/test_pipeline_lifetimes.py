@@ -64,11 +64,11 @@ async def test_no_worker_call_starts_after_its_requests_deadline() -> None:
             await ticket.wait()
     started = {t.request.input: t for t in tickets if t.request.input in worker.starts}
     assert started  # some made it in time
-    # The worker reads the clock a few microseconds after the dispatch checked it: allow
-    # for that, far below the 0.5 ms of a call (without the check, tickets started up to
-    # the whole burst late).
+    # The worker reads the clock a few microseconds after the dispatch checked it, and a
+    # loaded machine may preempt the process in between: allow 5 ms for that. Without the
+    # check, most of the burst started late, up to the whole burst (~100 ms).
     lateness = {p: worker.starts[p] - deadlines[p] for p in started}
-    late = {p: f"{s * 1000:.3f} ms" for p, s in lateness.items() if s > 0.0005}
+    late = {p: f"{s * 1000:.3f} ms" for p, s in lateness.items() if s > 0.005}
     assert late == {}
     statuses = {t.status for t in tickets}
     assert statuses <= {RequestStatus.COMPLETED, RequestStatus.TIMEOUT}
