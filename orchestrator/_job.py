@@ -9,6 +9,7 @@ again (processed).
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, final
 
 from orchestrator._priority import Priority
@@ -31,7 +32,7 @@ class Job:
         request: The request as submitted.
         priority: Its level in the inference queue.
         deadline: When it times out: absolute, on the pipeline's clock (the event loop's
-            time). ``to_dict`` carries it as seconds left, so a process with another
+            time). ``to_dict`` carries it as wall-clock time, so a process with another
             clock can place it on its own.
         stream: Produce it with ``worker.stream()`` (tokens reach readers as they come);
             decided at submit.
@@ -109,8 +110,9 @@ class Job:
             setattr(self, name, state[name])
 
     def to_dict(self, now: float) -> dict[str, Any]:
-        """The JSON form: the request's fields, and ``deadline`` as seconds left at ``now``
-        (on this process's clock)."""
+        """The JSON form: the request's fields, and the deadline as wall-clock time
+        (``deadline_at``, ``time.time()`` seconds: clocks of other processes differ, and
+        the job may wait in a queue), placed from ``now`` on this process's clock."""
         request = self.request
         return {
             "id": self.id,
@@ -119,7 +121,7 @@ class Job:
             "meta": dict(request.meta),
             "timeout": request.timeout,
             "priority": str(self.priority),
-            "seconds_left": self.deadline - now,
+            "deadline_at": time.time() + (self.deadline - now),
             "stream": self.stream,
             "attempt": self.attempt,
             "cache_key": self.cache_key,
@@ -129,8 +131,8 @@ class Job:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], now: float, record: RequestRecord) -> Job:
-        """The job ``to_dict`` described, its deadline placed on this clock at ``now``,
-        linked to this process's ``record`` of it.
+        """The job ``to_dict`` described, its deadline placed on this process's clock
+        (``now`` is its time), linked to this process's ``record`` of it.
 
         Raises:
             KeyError, TypeError, ValueError: ``data`` is not such a form.
@@ -146,7 +148,7 @@ class Job:
             record,
             request,
             Priority.parse(data["priority"]),
-            now + float(data["seconds_left"]),
+            now + (float(data["deadline_at"]) - time.time()),
             bool(data["stream"]),
             data["cache_key"],
             int(data["attempt"]),

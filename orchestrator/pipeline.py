@@ -11,12 +11,13 @@ import asyncio
 import logging
 import warnings
 import weakref
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Literal, final
 
 from orchestrator import metrics
 from orchestrator._job import Job
 from orchestrator._priority import Priority
 from orchestrator._runtime import Runtime
+from orchestrator._store import MemoryStore
 from orchestrator.config import PipelineConfig
 from orchestrator.enhanced.dedup import Deduplicator
 from orchestrator.errors import (
@@ -35,7 +36,9 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Self
 
-    from orchestrator._store import Record
+    from orchestrator._runtime import Shared
+    from orchestrator._seams import RequestRecord
+    from orchestrator.distributed._cluster import ClusterConfig
     from orchestrator.enhanced.rate_limit import RateDecision
 
 __all__ = ["InputSender", "PipelineHandles", "spawn_pipeline"]
@@ -86,8 +89,12 @@ class PipelineHandles:
     ``ResourceWarning`` when its event loop closes, as an unclosed file does.
     """
 
-    def __init__(self, worker: ModelWorker, config: PipelineConfig) -> None:
-        if not isinstance(worker, ModelWorker):
+    def __init__(
+        self, worker: ModelWorker | None, config: PipelineConfig, shared: Shared | None = None
+    ) -> None:
+        if worker is None and (shared is None or shared.runs_work):
+            raise TypeError("a pipeline that runs requests needs a worker")
+        if worker is not None and not isinstance(worker, ModelWorker):
             raise TypeError(
                 f"worker must implement ModelWorker (infer and stream), got {type(worker).__name__}"
             )
@@ -99,8 +106,11 @@ class PipelineHandles:
         self._crash: BaseException | None = None
         self._own_dedup = Deduplicator() if config.dedup is True else None
         dedup = self._own_dedup if config.dedup is True else (config.dedup or None)
-        self._runtime = runtime = Runtime(worker, config, self._loop, dedup)
+        self._runtime = runtime = Runtime(worker, config, self._loop, dedup, shared)
+        self._shared = shared
         self._store = runtime.store
+        # The in-process store, whose sync admission is the fast path (None when shared).
+        self._memory = runtime.store if isinstance(runtime.store, MemoryStore) else None
         self._rag = runtime.rag
         self._limiter = config.rate_limiter
         self._cache = runtime.cache
@@ -134,7 +144,7 @@ class PipelineHandles:
             InvalidRequest: ``meta["priority"]`` is not a known level, or the request id
                 is already in use (also a ``ValueError``).
         """
-        if not self._policies:  # the fast path: nothing to await
+        if not self._policies and self._shared is None:  # the fast path: nothing to await
             return self._enter(request, self._check(request), stream, None)
         return await self.admit(request, stream=stream, wait=False)
 
@@ -143,7 +153,8 @@ class PipelineHandles:
         cache), then queue the request for RAG, shedding when full or, with ``wait``,
         waiting for room."""
         priority = self._check(request)
-        if not wait:
+        shared = self._shared
+        if not wait and shared is None:
             self._check_room()  # refuse before spending the session's budget
         key: str | None = None
         decision: RateDecision | None = None
@@ -156,8 +167,13 @@ class PipelineHandles:
             if self._cache is not None:
                 key, cached = await self._cache.lookup(request)
                 if cached is not None:
+                    if shared is not None:
+                        record = await shared.completed(request, cached)
+                        return Ticket(record, self._store, self, decision)
                     return self._completed_from_cache(request, cached, decision)
             self._check(request)  # shutdown may have begun, or the id been taken, meanwhile
+        if shared is not None:
+            return await self._enter_shared(shared, request, priority, stream, key, decision, wait)
         if wait and self._rag.full():
             await self._rag.wait_for_room()
             self._check(request)
@@ -179,21 +195,58 @@ class PipelineHandles:
                 f"pipeline is at capacity ({rag.maxsize} requests waiting for RAG)", stage="rag"
             )
         timeout = request.timeout or self._request_timeout
-        store = self._store
+        store = self._memory
+        assert store is not None  # the path of a pipeline in one process
         record = store.create_nowait(request)
         job = Job(record, request, priority, self._loop.time() + timeout, stream, key)
         rag.put_nowait(job)  # cannot fail: the channel has room and is open (checked)
         self._deadlines.add(record, job.deadline, timeout, store.in_flight)
         return Ticket(record, store, self, decision)
 
+    async def _enter_shared(
+        self,
+        shared: Shared,
+        request: PromptRequest,
+        priority: Priority,
+        stream: bool,
+        key: str | None,
+        decision: RateDecision | None,
+        wait: bool,
+    ) -> Ticket:
+        """Record the request and queue it for every worker, in one step on the shared
+        store; with ``wait``, wait while the shared queue is full."""
+        timeout = request.timeout or self._request_timeout
+        record = shared.new_record(request, stream=stream)
+        job = Job(record, request, priority, self._loop.time() + timeout, stream, key)
+        pause = 0.01
+        while True:
+            try:
+                record = await shared.admit(job)
+                break
+            except Overloaded:
+                if not wait:
+                    self._shed.inc()
+                    raise
+            await asyncio.sleep(pause)  # the queue is shared: no one here to wake us
+            pause = min(pause * 2, 0.5)
+            self._check(request)
+        # This process ends it at its deadline if no worker has by then (queued too long).
+        self._deadlines.add(record, job.deadline, timeout, self._store.in_flight)
+        return Ticket(record, self._store, self, decision)
+
     def _check(self, request: PromptRequest) -> Priority:
         if self._closed or self._rag.closed:
             raise PipelineClosed("the pipeline is shutting down and admits no new requests")
+        if self._shared is not None and not self._shared.admits:
+            raise RuntimeError(
+                "a pipeline in the worker role admits no requests: submit to a frontend"
+            )
         try:
             priority = Priority.parse(request.meta.get("priority"))
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        if self._store.in_use(request.request_id):
+        store = self._store
+        if isinstance(store, MemoryStore) and store.in_use(request.request_id):
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
         return priority
 
@@ -208,7 +261,8 @@ class PipelineHandles:
     def _completed_from_cache(
         self, request: PromptRequest, text: str, decision: RateDecision | None
     ) -> Ticket:
-        store = self._store
+        store = self._memory
+        assert store is not None  # the path of a pipeline in one process
         record = store.create_nowait(request)
         record.tokens.append(text)  # type: ignore[union-attr]  # a new record's list
         store.finish_nowait(request.request_id, _COMPLETED, result=text)
@@ -244,7 +298,7 @@ class PipelineHandles:
         record = await self._store.read(request_id)
         return None if record is None else self._ticket(record)
 
-    def _ticket(self, record: Record) -> Ticket:
+    def _ticket(self, record: RequestRecord) -> Ticket:
         return Ticket(record, self._store, self)
 
     # -- cancelling (what a Ticket asks) ---------------------------------------------------
@@ -291,10 +345,9 @@ class PipelineHandles:
                 )
             raise
         except BaseException as exc:  # a stage crashed: a bug; fail loudly, lose nothing
-            crash = _lone(exc)
+            crash = _lone(exc)  # the runtime ended the leftovers, chained to it
             self._crash = crash
             logger.error("pipeline stage crashed", exc_info=crash)
-            runtime.fail_leftovers(crash)
         finally:
             self._closed = True
             _LIVE.discard(self)
@@ -359,8 +412,22 @@ def _lone(exc: BaseException) -> BaseException:
     return exc
 
 
-def spawn_pipeline(worker: ModelWorker, config: PipelineConfig | None = None) -> PipelineHandles:
+def spawn_pipeline(
+    worker: ModelWorker | None,
+    config: PipelineConfig | None = None,
+    *,
+    redis_url: str | None = None,
+    role: Literal["frontend", "worker", "both"] = "both",
+    cluster: ClusterConfig | None = None,
+) -> PipelineHandles:
     """Start the five stages for ``worker`` on the running event loop.
+
+    With ``redis_url`` the pipeline is shared with every process on that Redis (see
+    docs/scale-out.md): request records, the work queue and the token streams live there,
+    so any process answers for any request and a crash loses none. ``role`` is what this
+    process does: ``"frontend"`` admits requests and answers for them (no worker:
+    pass ``None``), ``"worker"`` runs them, ``"both"`` (what identical replicas run) does
+    both. The handles and tickets are the same in every mode.
 
     Example:
         >>> async def main() -> None:  # doctest: +SKIP
@@ -369,6 +436,16 @@ def spawn_pipeline(worker: ModelWorker, config: PipelineConfig | None = None) ->
 
     Raises:
         RuntimeError: No event loop is running.
-        TypeError: ``worker`` is not a ``ModelWorker``.
+        TypeError: ``worker`` is not a ``ModelWorker`` (or ``None`` where one is needed).
+        ValueError: An unknown ``role``, or a bad ``redis_url``.
+        ImportError: ``redis_url`` without redis-py (the ``redis`` extra).
     """
-    return PipelineHandles(worker, config or PipelineConfig())
+    config = config or PipelineConfig()
+    if redis_url is None:
+        if role != "both" or cluster is not None:
+            raise ValueError("role and cluster need a redis_url")
+        return PipelineHandles(worker, config)
+    from orchestrator.distributed._cluster import Cluster, ClusterConfig
+
+    shared = Cluster(redis_url, role, cluster or ClusterConfig(), config)
+    return PipelineHandles(worker, config, shared)

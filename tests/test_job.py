@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import time
 
 import pytest
 
@@ -69,15 +70,17 @@ async def test_pickling_leaves_the_record_behind() -> None:
     assert clone.record.id == "r-1"
 
 
-async def test_the_json_form_carries_the_deadline_as_seconds_left() -> None:
+async def test_the_json_form_carries_the_deadline_as_wall_clock_time() -> None:
     job = _job(stream=True, cache_key=None, attempt=2, context="ctx", prompt="the prompt")
-    data = job.to_dict(now=990.0)
-    assert data["seconds_left"] == 10.0
+    before = time.time()
+    data = job.to_dict(now=990.0)  # 10 s left on this clock
+    assert before + 10.0 <= data["deadline_at"] <= time.time() + 10.0
     assert data["priority"] == "high"  # by name
     text = json.dumps(data)  # plain JSON
     request = job.request
     elsewhere = Job.from_dict(json.loads(text), now=5.0, record=_record(request))
-    assert elsewhere.deadline == 15.0  # placed on the other process's clock
+    # Placed on the other process's clock, less the time the job spent on its way.
+    assert 15.0 - (time.time() - before) <= elsewhere.deadline <= 15.0
     assert elsewhere.priority is Priority.HIGH
     for name in ("attempt", "cache_key", "context", "id", "prompt", "stream"):
         assert getattr(elsewhere, name) == getattr(job, name), name
@@ -92,12 +95,12 @@ async def test_the_json_form_is_exactly_these_fields() -> None:
         "attempt",
         "cache_key",
         "context",
+        "deadline_at",
         "id",
         "input",
         "meta",
         "priority",
         "prompt",
-        "seconds_left",
         "session",
         "stream",
         "timeout",
@@ -114,7 +117,7 @@ async def test_a_request_without_its_own_timeout_round_trips() -> None:
     back = Job.from_dict(job.to_dict(now=20.0), now=0.0, record=job.record)
     assert back.request.timeout is None
     assert back.priority is Priority.LOW
-    assert back.deadline == 30.0
+    assert back.deadline == pytest.approx(30.0, abs=0.5)  # less the time in between
     assert (back.stream, back.attempt, back.cache_key) == (False, 1, None)
 
 
