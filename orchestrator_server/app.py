@@ -132,12 +132,22 @@ def create_app(
             if handles is not None:
                 served, drain = handles, Drain(settings.drain_seconds, None)
             else:
-                worker = make_worker(settings.worker)
-                aclose = getattr(worker, "aclose", None)
-                if aclose is not None:
-                    stack.push_async_callback(aclose)
+                worker = None
+                if settings.role == "both" or settings.redis_url is None:
+                    worker = make_worker(settings.worker)
+                    aclose = getattr(worker, "aclose", None)
+                    if aclose is not None:
+                        stack.push_async_callback(aclose)
                 pipeline = await build_pipeline_config(settings, stack)
-                served = spawn_pipeline(worker, pipeline)
+                if settings.redis_url is None:
+                    served = spawn_pipeline(worker, pipeline)
+                else:  # shared: any replica answers for any request (docs/scale-out.md)
+                    served = spawn_pipeline(
+                        worker,
+                        pipeline,
+                        redis_url=settings.redis_url,
+                        role="both" if settings.role == "both" else "frontend",
+                    )
                 drain = Drain(settings.drain_seconds, served.shutdown)
             app.state.drain = drain  # start_server begins it on SIGTERM
             await stack.enter_async_context(drain.running())

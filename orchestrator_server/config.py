@@ -91,7 +91,12 @@ class ServerConfig:
         timeout_seconds: Longest wait of ``GET /api/v1/result/{id}``, the requests'
             deadline, and the largest ``timeout`` a body may ask for.
         cors_origins: Allowed origins (``("*",)``: any, as the seed did).
-        redis_url: Use Redis for the response cache and rate limits.
+        redis_url: Share the pipeline over this Redis: request records, the work queue
+            and token streams, the response cache and the rate limits (see
+            docs/scale-out.md).
+        role: With ``redis_url``: ``"both"`` (admit and run requests: what identical
+            replicas run) or ``"frontend"`` (admit and answer; ``orchestrator-worker``
+            processes run them).
         rate_limit_requests: Requests per window per session (``None``: no limit).
         rate_limit_window: The window in seconds.
         cache_entries: Entries of the in-memory response cache (0: no cache).
@@ -128,6 +133,7 @@ class ServerConfig:
     cache_ttl: float = attrs.field(default=3600.0, validator=_positive)
     dedup: bool = True
     worker: str = "echo"
+    role: str = attrs.field(default="both", validator=attrs.validators.in_(("both", "frontend")))
     ws_send_timeout: float = attrs.field(default=10.0, validator=_positive)
     access_log: bool = True
     drain_seconds: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
@@ -140,7 +146,8 @@ class ServerConfig:
         """Defaults, then the environment, then ``overrides``.
 
         Reads ``SERVER_HOST``, ``SERVER_PORT``, ``REDIS_URL``, ``RATE_LIMIT_REQUESTS``,
-        ``RATE_LIMIT_WINDOW``, ``CORS_ORIGINS`` (comma separated), ``ORCHESTRATOR_WORKER``.
+        ``RATE_LIMIT_WINDOW``, ``CORS_ORIGINS`` (comma separated), ``ORCHESTRATOR_WORKER``,
+        ``ORCHESTRATOR_ROLE``.
 
         Raises:
             ValueError: A variable holds something unusable (the message names it).
@@ -155,6 +162,7 @@ class ServerConfig:
             "RATE_LIMIT_WINDOW": ("rate_limit_window", float),
             "CORS_ORIGINS": ("cors_origins", str),
             "ORCHESTRATOR_WORKER": ("worker", str),
+            "ORCHESTRATOR_ROLE": ("role", str),
         }
         for variable, (field, parse) in readers.items():
             raw = env.get(variable)

@@ -14,6 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 import orchestrator
 from orchestrator import (
+    BackendUnavailable,
     InvalidRequest,
     OrchestratorError,
     Overloaded,
@@ -25,6 +26,7 @@ from orchestrator import (
     metrics,
 )
 from orchestrator_server._json import BadJson, JsonResponse, check_text, loads
+from orchestrator_server._middleware import printable
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
@@ -377,6 +379,15 @@ async def _overloaded(request: Request, exc: Exception) -> Response:
     return error_response(503, str(exc), {"Retry-After": str(retry)})
 
 
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    logger.warning("%s %s: %s", request.method, printable(request.url.path), exc)
+    return error_response(
+        503,
+        "the request store (Redis) is unavailable: retry shortly",
+        {"Retry-After": "1"},
+    )
+
+
 async def _closed(request: Request, exc: Exception) -> Response:
     return error_response(503, "the server is shutting down", {"Retry-After": "5"})
 
@@ -395,6 +406,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     RateLimited: _rate_limited,
     Overloaded: _overloaded,
     PipelineClosed: _closed,
+    BackendUnavailable: _unavailable,
     InvalidRequest: _invalid_request,  # BadRequest too; any other ValueError is a bug: 500
     Exception: _internal,
 }

@@ -1,11 +1,6 @@
-"""Build a worker by name, for the standalone server and its ``--worker`` flag.
-
-Each reads its settings from the environment, like the official SDKs: keys and URLs as the
-worker classes document, plus the model: ``OPENAI_MODEL`` (default ``gpt-4o-mini``),
-``ANTHROPIC_MODEL`` (default ``claude-3-5-haiku-latest``), ``VLLM_MODEL`` (required: the
-model your vLLM server serves). ``llama_cpp`` needs ``LLAMA_CPP_URL``: the worker's own
-default, ``http://localhost:8080``, is this server's default address.
-"""
+"""Build the server's worker (``--worker``): by name or import path, as
+``orchestrator.workers._named.build_worker`` does, refusing a worker URL that points at
+this very server."""
 
 from __future__ import annotations
 
@@ -15,85 +10,30 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from orchestrator import EchoWorker, ModelWorker
+from orchestrator.workers._named import WORKERS, build_worker
 from orchestrator.workers.vllm import VLLM_URL
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from orchestrator import ModelWorker
 
 __all__ = ["WORKERS", "make_worker"]
-
-
-def _env(name: str, default: str | None = None) -> str:
-    value = os.environ.get(name) or default
-    if value is None:
-        raise ValueError(f"{name} is not set")
-    return value
-
-
-def _openai() -> ModelWorker:
-    from orchestrator.workers import OpenAiWorker
-
-    return OpenAiWorker(model=_env("OPENAI_MODEL", "gpt-4o-mini"))
-
-
-def _anthropic() -> ModelWorker:
-    from orchestrator.workers import AnthropicWorker
-
-    return AnthropicWorker(model=_env("ANTHROPIC_MODEL", "claude-3-5-haiku-latest"))
-
-
-def _llama_cpp() -> ModelWorker:
-    from orchestrator.workers import LlamaCppWorker
-
-    try:
-        url = _env("LLAMA_CPP_URL")
-    except ValueError:
-        raise ValueError(
-            "LLAMA_CPP_URL is not set: point it at your llama-server, e.g. "
-            "LLAMA_CPP_URL=http://127.0.0.1:8081 (this server listens on 8080 by default)"
-        ) from None
-    return LlamaCppWorker(url=url)
-
-
-def _vllm() -> ModelWorker:
-    from orchestrator.workers import VllmWorker
-
-    try:
-        model = _env("VLLM_MODEL")
-    except ValueError:
-        raise ValueError("VLLM_MODEL is not set: name the model your vLLM server serves") from None
-    return VllmWorker(model=model)
-
-
-WORKERS: dict[str, Callable[[], ModelWorker]] = {
-    "echo": EchoWorker,
-    "openai": _openai,
-    "anthropic": _anthropic,
-    "llama_cpp": _llama_cpp,
-    "vllm": _vllm,
-}
-"""Names accepted by ``--worker`` and ``ORCHESTRATOR_WORKER``."""
 
 
 def make_worker(name: str, *, server_address: tuple[str, int] | None = None) -> ModelWorker:
     """A worker configured from the environment (keys, URLs, models).
 
     Args:
-        name: One of ``WORKERS``.
+        name: One of ``WORKERS``, or ``package.module:factory``.
         server_address: The ``(host, port)`` this server listens on: a worker URL that
             points there is refused, as the server would call itself (port 0: no check).
 
     Raises:
-        ValueError: ``name`` is not one of ``WORKERS``, a setting it needs is missing
+        ValueError: ``name`` names no worker, a setting it needs is missing
             or unusable, or its URL points at ``server_address`` (the message says which).
     """
-    build = WORKERS.get(name)
-    if build is None:
-        raise ValueError(f"unknown worker {name!r}: choose one of {', '.join(WORKERS)}")
     if server_address is not None:
         _check_not_self(name, server_address)
-    return build()
+    return build_worker(name)
 
 
 # The variable naming the server each worker calls, and the URL used when it is unset
