@@ -15,6 +15,7 @@ except ModuleNotFoundError as exc:  # main() says it in one line
 else:
     _missing = None
     from orchestrator_server._loop import run
+    from orchestrator_server._processes import inherited_socket, serve_processes
     from orchestrator_server.app import run_server
     from orchestrator_server.config import ServerConfig
     from orchestrator_server.workers import WORKERS, make_worker
@@ -30,9 +31,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", help="interface to bind (default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="TCP port (default 8080 or $SERVER_PORT)")
-    parser.add_argument("--worker", choices=sorted(WORKERS), help="model worker (default echo)")
     parser.add_argument(
-        "--workers", type=int, default=1, help="processes (only 1 without a shared store)"
+        "--worker",
+        help=f"model worker: {', '.join(sorted(WORKERS))}, or package.module:factory "
+        "(default echo)",
+    )
+    parser.add_argument(
+        "--redis-url", help="share the pipeline over this Redis (default $REDIS_URL)"
+    )
+    parser.add_argument(
+        "--role",
+        choices=["both", "frontend"],
+        help="with Redis: run requests here too (both, the default) or only admit and "
+        "answer them (frontend; orchestrator-worker processes run them)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes (more than 1 needs Redis)"
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -48,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {
         key: value
-        for key, value in (("host", args.host), ("port", args.port), ("worker", args.worker))
+        for key, value in (
+            ("host", args.host),
+            ("port", args.port),
+            ("worker", args.worker),
+            ("redis_url", args.redis_url),
+            ("role", args.role),
+        )
         if value is not None
     }
     try:
@@ -56,25 +76,45 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         print(f"orchestrator-server: {exc}", file=sys.stderr)
         return 2
-    if args.workers != 1:
+    if args.workers < 1:
+        print(f"orchestrator-server: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    if args.workers > 1 and config.redis_url is None:
         print(
-            "orchestrator-server: --workers must be 1: requests live in this process's "
-            "memory, so a status request reaching another process would answer 404. "
-            "Run one process per port (and a load balancer), or use the Redis-backed "
-            "store when it is configured.",
+            "orchestrator-server: --workers > 1 needs --redis-url (or REDIS_URL): without "
+            "a shared store, requests live in one process's memory, and a status request "
+            "reaching another process would answer 404.",
             file=sys.stderr,
         )
         return 2
-    try:
-        run(_check_worker(config))
-    except ValueError as exc:
-        print(f"orchestrator-server: worker {config.worker!r}: {exc}", file=sys.stderr)
-        return 2
+    if config.role == "both" or config.redis_url is None:
+        try:
+            run(_check_worker(config))
+        except ValueError as exc:
+            print(f"orchestrator-server: worker {config.worker!r}: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run_server(config)  # returns after SIGINT/SIGTERM and the drain: exit status 0
-    return 0
+    if args.workers > 1:
+        forwarded = list(argv if argv is not None else sys.argv[1:])
+        return serve_processes(_without_workers(forwarded), args.workers, config.host, config.port)
+    inherited = inherited_socket()
+    run_server(config, sockets=None if inherited is None else [inherited])
+    return 0  # after SIGINT/SIGTERM and the drain
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            kept.append(arg)
+    return kept
 
 
 async def _check_worker(config: ServerConfig) -> None:

@@ -167,7 +167,10 @@ def create_app(
 
 
 async def start_server(
-    config: ServerConfig | None = None, handles: PipelineHandles | None = None
+    config: ServerConfig | None = None,
+    handles: PipelineHandles | None = None,
+    *,
+    sockets: list[socket.socket] | None = None,
 ) -> None:
     """Serve the app with uvicorn until SIGINT/SIGTERM, then drain and return.
 
@@ -178,11 +181,13 @@ async def start_server(
     Args:
         config: Where to listen and what to accept; ``ServerConfig.from_env()`` if ``None``.
         handles: A running pipeline to serve (borrowed), or ``None`` to build one.
+        sockets: Listening sockets to serve instead of binding ``host:port`` (one shared
+            by several server processes, say).
     """
     settings = config if config is not None else ServerConfig.from_env()
     server = build_server(create_app(handles, settings), settings)
     logger.info("%s", describe(settings, borrowed=handles is not None))
-    await server.serve()
+    await server.serve(sockets=sockets)
 
 
 def build_server(app: Starlette, settings: ServerConfig) -> uvicorn.Server:
@@ -214,13 +219,16 @@ def build_server(app: Starlette, settings: ServerConfig) -> uvicorn.Server:
     )
 
 
-def run_server(config: ServerConfig | None = None) -> None:
+def run_server(
+    config: ServerConfig | None = None, *, sockets: list[socket.socket] | None = None
+) -> None:
     """Run the server in the foreground (on uvloop when installed) until SIGINT or SIGTERM,
     drain as ``start_server`` does, and return normally: a script that ends with it
     exits with status 0 after Ctrl-C or ``kill``.
 
     Args:
         config: Where to listen and what to accept; ``ServerConfig.from_env()`` if ``None``.
+        sockets: Listening sockets to serve instead of binding ``host:port``.
 
     Example:
         >>> run_server(ServerConfig(port=8080))  # doctest: +SKIP
@@ -233,7 +241,7 @@ def run_server(config: ServerConfig | None = None) -> None:
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            run(start_server(config))
+            run(start_server(config, sockets=sockets))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

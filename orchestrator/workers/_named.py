@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WORKERS", "build_worker"]
 
+
 def _env(name: str, default: str | None = None) -> str:
     value = os.environ.get(name) or default
     if value is None:

@@ -275,7 +275,7 @@ def test_cli_refuses_several_workers_without_a_shared_store() -> None:
         timeout=30,
     )
     assert done.returncode == 2
-    assert "--workers must be 1" in done.stderr
+    assert "--workers > 1 needs --redis-url" in done.stderr
 
 
 def test_cli_rejects_a_bad_environment() -> None:
