@@ -41,13 +41,19 @@ __all__ = [
     "CACHE_HITS",
     "CACHE_MISSES",
     "CIRCUIT_STATE",
+    "DEAD_LETTERS",
     "DEDUP_JOINS",
     "ERRORS",
+    "LEASES",
     "QUEUE_DEPTH",
     "RATE_LIMIT_DECISIONS",
+    "RECLAIMS",
+    "REDELIVERIES",
     "REGISTRY",
     "REQUESTS",
     "RETRIES",
+    "SHARED_QUEUE_DEPTH",
+    "SHARED_QUEUE_PENDING",
     "SHED",
     "STAGES",
     "STAGE_DURATION",
@@ -298,6 +304,32 @@ WORKER_TOKENS: Final = Counter(
     "Worker tokens: kind=prompt and kind=completion as the provider reports them, "
     "kind=chunks the text pieces the pipeline received.",
     ("worker", "kind"),
+)
+
+SHARED_QUEUE_DEPTH: Final = Gauge(
+    "orchestrator_shared_queue_depth",
+    "Jobs waiting in the shared (Redis) queue, not yet taken by a worker, by priority "
+    "(sampled from Redis every few seconds).",
+    ("priority",),
+)
+SHARED_QUEUE_PENDING: Final = Gauge(
+    "orchestrator_shared_queue_pending",
+    "Jobs of the shared queue in a worker's hands (delivered, not acknowledged), by "
+    "priority (sampled from Redis).",
+    ("priority",),
+)
+LEASES: Final = Gauge("orchestrator_shared_leases", "Jobs of the shared queue this process holds.")
+RECLAIMS: Final = Counter(
+    "orchestrator_reclaims_total",
+    "Jobs this process took over from a worker that stopped renewing them (a dead one).",
+)
+REDELIVERIES: Final = Counter(
+    "orchestrator_redeliveries_total",
+    "Jobs this process received again after an earlier delivery (at-least-once).",
+)
+DEAD_LETTERS: Final = Counter(
+    "orchestrator_dead_letters_total",
+    "Jobs set aside after too many deliveries (their requests failed).",
 )
 
 for _stage in STAGES:  # every series exists from the start, so rate() sees the first event

@@ -8,6 +8,7 @@ their work stops (what was taken and not started goes back to the peers at once)
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, final
 import attrs
 
 from orchestrator.distributed._intake import Intake
+from orchestrator.distributed._metrics import sample_queue
 from orchestrator.distributed._queue import RedisWorkQueue
 from orchestrator.distributed._records import RedisRecord
 from orchestrator.distributed._store import RedisStore
@@ -169,7 +171,10 @@ class Cluster:
         )
 
     def tasks(self) -> list[Callable[[], Coroutine[Any, Any, object]]]:
-        tasks: list[Callable[[], Coroutine[Any, Any, object]]] = [self._store.listen]
+        tasks: list[Callable[[], Coroutine[Any, Any, object]]] = [
+            self._store.listen,
+            functools.partial(sample_queue, self._client, self._store.streams, self.queue),
+        ]
         if self.intake is not None:
             tasks += [self.intake.run, self.intake.acknowledge, self.intake.renew]
         return tasks

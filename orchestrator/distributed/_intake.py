@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, final
 
 import anyio
 
+from orchestrator import metrics
 from orchestrator._waiters import Waiters
 from orchestrator.errors import BackendUnavailable, InferenceError, RequestTimeout
 from orchestrator.types import RequestStatus
@@ -101,6 +102,7 @@ class Intake:
                 if anyio.current_time() >= next_reclaim:
                     deliveries = await self._queue.reclaim(free)
                     next_reclaim = anyio.current_time() + reclaim_every
+                    metrics.RECLAIMS.labels().inc(len(deliveries))
                 if not deliveries:
                     deliveries = await self._queue.take(free)
                 for delivery in deliveries:
@@ -122,7 +124,10 @@ class Intake:
             return
         record = store.work_on(job.record)  # type: ignore[arg-type]  # from the queue's job
         self._in_hand.add(request_id)
+        if delivery.attempt > 1:
+            metrics.REDELIVERIES.labels().inc()
         if delivery.attempt > self.max_deliveries:
+            metrics.DEAD_LETTERS.labels().inc()
             reason = f"delivered {delivery.attempt} times without finishing: dead-lettered"
             await self._queue.dead_letter(request_id, reason)
             await store.finish(
@@ -156,12 +161,11 @@ class Intake:
                 await self._ack_ready.wait()
                 continue
             batch, self._acks = self._acks, []
-            for request_id in batch:
-                try:
-                    await self._queue.ack(request_id)
-                except BackendUnavailable:
-                    # Its record is finished: a redelivery is acknowledged on arrival.
-                    logger.warning("could not acknowledge %s; a redelivery will", request_id)
+            try:
+                await self._queue.ack_many(batch)
+            except BackendUnavailable:
+                # Their records are finished: a redelivery is acknowledged on arrival.
+                logger.warning("could not acknowledge %d jobs; their redeliveries will", len(batch))
 
     async def renew(self) -> None:
         """Keep the leases held alive, until cancelled (a task)."""

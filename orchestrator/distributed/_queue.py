@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, final
 from orchestrator._job import Job
 from orchestrator.distributed._records import RedisRecord
 from orchestrator.distributed._redis import command
-from orchestrator.distributed._scripts import RELEASE
+from orchestrator.distributed._scripts import RELEASE, TAKE
+from orchestrator.types import RequestStatus
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -84,6 +85,7 @@ class RedisWorkQueue:
         # request id -> (stream, entry id, the job's JSON as queued)
         self._leases: dict[str, tuple[str, str, bytes]] = {}
         self._release = client.register_script(RELEASE)
+        self._take = client.register_script(TAKE)
         self._ready = False
 
     @property
@@ -159,30 +161,40 @@ class RedisWorkQueue:
             data = json.loads(fields[b"job"])
             job = Job.from_dict(data, now, _work_record(data))
             jobs.append((stream, entry_id, job))
-        async with self._client.pipeline(transaction=False) as pipe:
-            for _, _, job in jobs:
-                pipe.hincrby(store.record_key(job.id), "attempt", 1)
-                pipe.hget(store.record_key(job.id), "status")
-                pipe.xlen(store.tokens_key(job.id))
-            answers = await command(pipe.execute())
+        keys: list[str] = []
+        for _, _, job in jobs:
+            keys += (store.record_key(job.id), store.tokens_key(job.id))
+        answers = await command(self._take(keys=keys, args=[self.consumer]))
         deliveries = []
         for i, (stream, entry_id, job) in enumerate(jobs):
-            attempt, status, streamed = answers[3 * i : 3 * i + 3]
+            attempt, finished, streamed = answers[3 * i : 3 * i + 3]
             self._leases[job.id] = (stream, entry_id, raw[i])
-            finished = status not in (b"pending", b"processing")
             job.attempt = int(attempt)
-            deliveries.append(Delivery(job, stream, entry_id, int(attempt), finished, streamed))
+            record = job.record
+            if not finished and isinstance(record, RedisRecord):
+                record.status = RequestStatus.PROCESSING  # marked so by the script
+            deliveries.append(
+                Delivery(job, stream, entry_id, int(attempt), bool(finished), int(streamed))
+            )
         return deliveries
 
     async def ack(self, request_id: str) -> None:
         """The record is finished: drop the entry (``XACK`` and ``XDEL``)."""
-        lease = self._leases.pop(request_id, None)
-        if lease is None:
+        await self.ack_many([request_id])
+
+    async def ack_many(self, request_ids: list[str]) -> None:
+        """``ack`` for several, in one round trip."""
+        by_stream: dict[str, list[str]] = {}
+        for request_id in request_ids:
+            lease = self._leases.pop(request_id, None)
+            if lease is not None:
+                by_stream.setdefault(lease[0], []).append(lease[1])
+        if not by_stream:
             return
-        stream, entry_id, _ = lease
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.xack(stream, GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
+            for stream, entry_ids in by_stream.items():
+                pipe.xack(stream, GROUP, *entry_ids)
+                pipe.xdel(stream, *entry_ids)
             await command(pipe.execute())
 
     async def release(self, request_ids: list[str]) -> None:

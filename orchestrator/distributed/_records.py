@@ -113,6 +113,19 @@ class RedisRecord:
         record.update(fields)
         return record
 
+    def heard(self, note: Mapping[str, Any]) -> None:
+        """Take the outcome a finish notification carried (``FINISH`` sends it whole when
+        it is small)."""
+        self.status = _STATUSES[note["status"]]
+        self.finished_at = float(note["finished_at"])
+        self.result = note.get("result")
+        error = note.get("error")
+        self.error = error_from_dict(json.loads(error)) if error else None
+        tokens = note.get("tokens")
+        if tokens is not None:
+            self.tokens = json.loads(tokens)
+            self.token_count = len(self.tokens or ())
+
     def update(self, fields: Mapping[Any, Any]) -> None:
         """Take the state a fresh read of the hash shows."""
         get = {_text(k): v for k, v in fields.items()}.get

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ADMIT", "FINISH", "RELEASE", "START"]
+__all__ = ["ADMIT", "FINISH", "RELEASE", "START", "TAKE"]
 
 ADMIT: Final = """
 -- KEYS: record, the four level streams (critical, high, normal, low)
@@ -79,7 +79,15 @@ while redis.call('ZCARD', KEYS[3]) > max_count or total > max_bytes do
   if #oldest == 0 then break end
   evict(oldest[1])
 end
-redis.call('PUBLISH', ARGV[10], id .. ' ' .. ARGV[1])
+-- The notification: the outcome itself when small (no read needed), else just the id.
+local note = {id = id, status = ARGV[1], finished_at = finished_at}
+if #ARGV[2] + #ARGV[4] + #ARGV[5] <= 4096 then
+  note.full = true
+  if ARGV[3] == '1' then note.result = ARGV[2] end
+  if ARGV[4] ~= '' then note.error = ARGV[4] end
+  if ARGV[5] ~= '' then note.tokens = ARGV[5] end
+end
+redis.call('PUBLISH', ARGV[10], cjson.encode(note))
 return 1
 """
 """End a request exactly once: its status, result or error and tokens, the end of its
@@ -95,3 +103,24 @@ return 1
 """
 """Hand a job back: its entry goes, a copy comes at the end of its level, where the next
 ``XREADGROUP`` of any worker takes it at once."""
+
+TAKE: Final = """
+-- KEYS: the records and token streams of jobs just delivered, in pairs; ARGV: worker id
+-- Counts each delivery, marks the unfinished ones processing by this worker, and says for
+-- each: the attempt, whether it had finished, how many token entries it streamed.
+local out = {}
+for i = 1, #KEYS, 2 do
+  local attempt = redis.call('HINCRBY', KEYS[i], 'attempt', 1)
+  local status = redis.call('HGET', KEYS[i], 'status')
+  local finished = 1
+  if status == 'pending' or status == 'processing' then
+    finished = 0
+    redis.call('HSET', KEYS[i], 'status', 'processing', 'worker', ARGV[1])
+  end
+  out[#out + 1] = attempt
+  out[#out + 1] = finished
+  out[#out + 1] = redis.call('XLEN', KEYS[i + 1])
+end
+return out
+"""
+"""Take a batch of deliveries in one round trip (see the script)."""

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, cast, final
 
 import anyio
 
@@ -34,7 +34,7 @@ from orchestrator.errors import BackendUnavailable, InvalidRequest, Overloaded
 from orchestrator.types import RequestStatus
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from redis.asyncio import Redis
 
@@ -174,7 +174,9 @@ class RedisStore:
         return await self.admit(job, 2**62, job.deadline - time.monotonic())
 
     async def read(self, request_id: str) -> RedisRecord | None:
-        fields = await command(self._client.hgetall(self.record_key(request_id)))
+        fields = await command(
+            cast("Awaitable[dict[bytes, bytes]]", self._client.hgetall(self.record_key(request_id)))
+        )
         followed = self._followed.get(request_id)
         if followed is not None:
             followed.update(fields)
@@ -182,6 +184,10 @@ class RedisStore:
         return RedisRecord.from_hash(request_id, fields) if fields else None
 
     async def start(self, request_id: str) -> bool:
+        working = self._working.get(request_id)
+        if working is not None and working.status is RequestStatus.PROCESSING:
+            # Taken by this worker, and marked processing by the take: no round trip.
+            return working.finished_at is None
         started = await command(
             self._start(keys=[self.record_key(request_id)], args=[self.worker_id])
         )
@@ -357,17 +363,26 @@ class RedisStore:
             data = message.get("data")
             if not isinstance(data, bytes):
                 continue
-            request_id, _, status_text = data.decode().partition(" ")
             try:
-                status = RequestStatus(status_text)
-            except ValueError:
+                note = json.loads(data)
+                request_id = note["id"]
+                status = RequestStatus(note["status"])
+            except (ValueError, KeyError, TypeError):
                 continue
             for listener in self._listeners:
                 listener(request_id, status)
             working = self._working.pop(request_id, None)
             if working is not None and working.finished_at is None:
                 working.status, working.finished_at = status, time.time()  # stages skip it
-            if request_id in self._followed:
+            followed = self._followed.get(request_id)
+            if followed is None:
+                continue
+            if note.get("full"):  # the outcome came with the notification: no read
+                followed.heard(note)
+                self._followed.pop(request_id, None)
+                if followed.done_waiters is not None:
+                    followed.done_waiters.wake_all()
+            else:
                 ended.append(request_id)
         if ended:
             await self._refresh(ended)
