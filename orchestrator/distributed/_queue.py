@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, final
 from orchestrator._job import Job
 from orchestrator.distributed._records import RedisRecord
 from orchestrator.distributed._redis import command
-from orchestrator.distributed._scripts import RELEASE, TAKE
+from orchestrator.distributed._scripts import MARK, RELEASE, TAKE
 from orchestrator.types import RequestStatus
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class RedisWorkQueue:
         self._leases: dict[str, tuple[str, str, bytes]] = {}
         self._release = client.register_script(RELEASE)
         self._take = client.register_script(TAKE)
+        self._mark_script = client.register_script(MARK)
         self._ready = False
 
     @property
@@ -110,32 +111,44 @@ class RedisWorkQueue:
         self._ready = True
 
     async def take(self, free: int) -> list[Delivery]:
-        """Wait (one ``block`` at most) for up to ``free`` jobs, highest level first."""
+        """Up to ``free`` jobs, highest level first; waits (one ``block`` at most) for one
+        when the queue is empty."""
         if not self._ready:
             await self.ensure_group()
+        flat = await command(
+            self._take(keys=self._streams, args=[GROUP, self.consumer, free, self._store.prefix])
+        )
+        if flat:
+            return self._deliveries(
+                [
+                    (self._streams[int(flat[i]) - 1], _text(flat[i + 1]), flat[i + 2])
+                    for i in range(0, len(flat), 6)
+                ],
+                [tuple(flat[i + 3 : i + 6]) for i in range(0, len(flat), 6)],
+            )
+        # Nothing queued: wait for the first entry of any level (a scripted read cannot
+        # block), then count it as TAKE would.
         answer = await command(
             self._client.xreadgroup(
                 GROUP,
                 self.consumer,
                 dict.fromkeys(self._streams, ">"),
-                count=free,
+                count=1,
                 block=self._block_ms,
             )
         )
-        entries: list[tuple[str, str, dict[Any, Any]]] = []
+        entries: list[tuple[str, str, bytes]] = []
         for stream, items in answer or ():
             name = stream.decode() if isinstance(stream, bytes) else stream
-            for entry_id, fields in items:
-                entries.append((name, _text(entry_id), fields))
-        entries.sort(key=lambda e: self._streams.index(e[0]))
-        return await self._deliver(entries)
+            entries.extend((name, _text(entry_id), fields[b"job"]) for entry_id, fields in items)
+        return await self._mark(entries)
 
     async def reclaim(self, free: int) -> list[Delivery]:
         """Claim up to ``free`` entries idle past ``reclaim_after`` (a dead worker's)."""
         if not self._ready:
             await self.ensure_group()
         idle_ms = max(1, round(self.reclaim_after * 1000))
-        entries: list[tuple[str, str, dict[Any, Any]]] = []
+        entries: list[tuple[str, str, bytes]] = []
         for stream in self._streams:
             if len(entries) >= free:
                 break
@@ -146,33 +159,35 @@ class RedisWorkQueue:
             )
             for entry_id, fields in answer[1]:
                 if fields:  # an entry deleted meanwhile comes back empty
-                    entries.append((stream, _text(entry_id), fields))
-        return await self._deliver(entries)
+                    entries.append((stream, _text(entry_id), fields[b"job"]))
+        return await self._mark(entries)
 
-    async def _deliver(self, entries: list[tuple[str, str, dict[Any, Any]]]) -> list[Delivery]:
+    async def _mark(self, entries: list[tuple[str, str, bytes]]) -> list[Delivery]:
         if not entries:
             return []
         store = self._store
-        jobs: list[tuple[str, str, Job]] = []
-        raw: list[bytes] = []
-        now = time.monotonic()
-        for stream, entry_id, fields in entries:
-            raw.append(fields[b"job"])
-            data = json.loads(fields[b"job"])
-            job = Job.from_dict(data, now, _work_record(data))
-            jobs.append((stream, entry_id, job))
         keys: list[str] = []
-        for _, _, job in jobs:
-            keys += (store.record_key(job.id), store.tokens_key(job.id))
-        answers = await command(self._take(keys=keys, args=[self.consumer]))
+        for _, _, raw in entries:
+            request_id = json.loads(raw)["id"]
+            keys += (store.record_key(request_id), store.tokens_key(request_id))
+        flat = await command(self._mark_script(keys=keys, args=[self.consumer]))
+        return self._deliveries(entries, [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)])
+
+    def _deliveries(
+        self, entries: list[tuple[str, str, bytes]], marks: list[tuple[Any, ...]]
+    ) -> list[Delivery]:
+        now = time.monotonic()
         deliveries = []
-        for i, (stream, entry_id, job) in enumerate(jobs):
-            attempt, finished, streamed = answers[3 * i : 3 * i + 3]
-            self._leases[job.id] = (stream, entry_id, raw[i])
+        for (stream, entry_id, raw), (attempt, finished, streamed) in zip(
+            entries, marks, strict=True
+        ):
+            data = json.loads(raw)
+            record = _work_record(data)
+            job = Job.from_dict(data, now, record)
             job.attempt = int(attempt)
-            record = job.record
-            if not finished and isinstance(record, RedisRecord):
+            if not finished:
                 record.status = RequestStatus.PROCESSING  # marked so by the script
+            self._leases[job.id] = (stream, entry_id, raw)
             deliveries.append(
                 Delivery(job, stream, entry_id, int(attempt), bool(finished), int(streamed))
             )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ADMIT", "FINISH", "RELEASE", "START", "TAKE"]
+__all__ = ["ADMIT", "FINISH", "MARK", "RELEASE", "START", "TAKE"]
 
 ADMIT: Final = """
 -- KEYS: record, the four level streams (critical, high, normal, low)
@@ -105,14 +105,53 @@ return 1
 ``XREADGROUP`` of any worker takes it at once."""
 
 TAKE: Final = """
--- KEYS: the records and token streams of jobs just delivered, in pairs; ARGV: worker id
--- Counts each delivery, marks the unfinished ones processing by this worker, and says for
--- each: the attempt, whether it had finished, how many token entries it streamed.
+-- KEYS: the four level streams, highest first; ARGV: group, consumer, most, prefix
+-- Reads up to ``most`` new entries, highest level first (one XREADGROUP per level, as
+-- far as needed), counts each delivery in its record, marks the unfinished ones
+-- processing by this worker, and returns, per entry: level, entry id, job JSON, attempt,
+-- finished (0/1), the token entries it had streamed.
+local out, left = {}, tonumber(ARGV[3])
+for level = 1, #KEYS do
+  if left <= 0 then break end
+  local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left,
+                         'STREAMS', KEYS[level], '>')
+  if got then
+    for _, entry in ipairs(got[1][2]) do
+      local fields, job = entry[2], nil
+      for i = 1, #fields, 2 do if fields[i] == 'job' then job = fields[i + 1] end end
+      local id = cjson.decode(job)['id']
+      local record = ARGV[4] .. 'req:' .. id
+      local attempt, status, finished = 0, false, 1
+      if redis.call('EXISTS', record) == 1 then  -- gone: retained no longer, nothing to run
+        attempt = redis.call('HINCRBY', record, 'attempt', 1)
+        status = redis.call('HGET', record, 'status')
+      end
+      if status == 'pending' or status == 'processing' then
+        finished = 0
+        redis.call('HSET', record, 'status', 'processing', 'worker', ARGV[2])
+      end
+      local streamed = redis.call('XLEN', ARGV[4] .. 'tok:' .. id)
+      for _, v in ipairs({level, entry[1], job, attempt, finished, streamed}) do
+        out[#out + 1] = v
+      end
+      left = left - 1
+    end
+  end
+end
+return out
+"""
+"""Take up to ``most`` jobs in one round trip, CRITICAL first (see the script)."""
+
+MARK: Final = """
+-- KEYS: the records and token streams of entries already read, in pairs; ARGV: worker id
+-- The same bookkeeping as TAKE, for entries read otherwise (a blocking read, a reclaim).
 local out = {}
 for i = 1, #KEYS, 2 do
-  local attempt = redis.call('HINCRBY', KEYS[i], 'attempt', 1)
-  local status = redis.call('HGET', KEYS[i], 'status')
-  local finished = 1
+  local attempt, status, finished = 0, false, 1
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    attempt = redis.call('HINCRBY', KEYS[i], 'attempt', 1)
+    status = redis.call('HGET', KEYS[i], 'status')
+  end
   if status == 'pending' or status == 'processing' then
     finished = 0
     redis.call('HSET', KEYS[i], 'status', 'processing', 'worker', ARGV[1])
@@ -123,4 +162,4 @@ for i = 1, #KEYS, 2 do
 end
 return out
 """
-"""Take a batch of deliveries in one round trip (see the script)."""
+"""Count the deliveries of entries read by a blocking read or a reclaim (see TAKE)."""
