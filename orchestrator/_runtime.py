@@ -105,7 +105,9 @@ class Runtime:
         self._channels = {"rag": self.rag, "assemble": assemble, "post": post, "stream": stream}
         self.deadlines = Deadlines(loop)
         self.running = Running()
-        endings = self._endings = Endings(self.store, self.queue)
+        endings = self._endings = Endings(
+            self.store, self.queue, None if shared is None else shared.lost
+        )
         calls = WorkerCalls(
             worker if worker is not None else _NoWorker(),
             dedup=dedup,
@@ -331,6 +333,11 @@ class Shared(Protocol):
 
     async def leftovers(self) -> None:
         """After the drain: hand back what is left (its requests live on elsewhere)."""
+        ...
+
+    def lost(self, request_id: str) -> None:
+        """The shared store could not record a job's end: let go of the job here (it
+        runs again once the store answers)."""
         ...
 
     def opened(self) -> AbstractAsyncContextManager[object]:

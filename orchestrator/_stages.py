@@ -26,7 +26,13 @@ import anyio
 from orchestrator import metrics
 from orchestrator._channel import Channel
 from orchestrator._waiters import Waiters
-from orchestrator.errors import InferenceError, Overloaded, RequestTimeout, StageError
+from orchestrator.errors import (
+    BackendUnavailable,
+    InferenceError,
+    Overloaded,
+    RequestTimeout,
+    StageError,
+)
 from orchestrator.types import PostOutput, RequestStatus
 
 if TYPE_CHECKING:
@@ -103,30 +109,58 @@ _AFTER_QUEUE = frozenset({"inference", "post", "stream"})
 @final
 class Endings:
     """How stages end a job: through the store, exactly once, counted; a job that was
-    taken from the work queue has its lease acknowledged once its record is finished."""
+    taken from the work queue has its lease acknowledged once its record is finished.
 
-    __slots__ = ("_acks", "_queue", "_store")
+    A shared store that cannot be reached (``BackendUnavailable``) records nothing: the
+    job is handed to ``unreachable`` (a worker lets go of its lease, so that the job runs
+    again once the store answers: at least once) and the stage goes on serving."""
 
-    def __init__(self, store: RequestStore, queue: WorkQueue) -> None:
+    __slots__ = ("_acks", "_queue", "_store", "_unreachable")
+
+    def __init__(
+        self,
+        store: RequestStore,
+        queue: WorkQueue,
+        unreachable: Callable[[str], object] | None = None,
+    ) -> None:
         self._store = store
         self._queue = queue
         self._acks = queue.acknowledges
+        self._unreachable = unreachable
+
+    async def finish(
+        self,
+        request_id: str,
+        status: RequestStatus,
+        *,
+        result: str | None = None,
+        error: BaseException | None = None,
+    ) -> bool:
+        """``store.finish``, an unreachable store answered as above."""
+        try:
+            return await self._store.finish(request_id, status, result=result, error=error)
+        except BackendUnavailable as exc:
+            logger.warning("could not record the end of request %s: %s", request_id, exc)
+            if self._unreachable is not None:
+                self._unreachable(request_id)
+            return False
 
     async def fail(self, job: Job, stage: str, error: BaseException) -> None:
-        if await self._store.finish(job.id, _FAILED, error=error):
+        if await self.finish(job.id, _FAILED, error=error):
             metrics.ERRORS.labels(stage, type(error).__name__).inc()
         if self._acks and stage in _AFTER_QUEUE:
             await self._queue.ack(job)
 
     def complete(self, job: Job, _value: object = None) -> Awaitable[object]:
         """The last stage's ``store``: the job completed with its output (to be awaited)."""
-        if self._acks:
+        if self._acks or self._unreachable is not None:
             return self._complete_and_ack(job)
-        return self._store.finish(job.id, _COMPLETED, result=job.output)
+        return self._store.finish(job.id, _COMPLETED, result=job.output)  # one process
 
     async def _complete_and_ack(self, job: Job) -> None:
-        await self._store.finish(job.id, _COMPLETED, result=job.output)
-        await self._queue.ack(job)
+        await self.finish(job.id, _COMPLETED, result=job.output)
+        if self._acks:
+            await self._queue.ack(job)
 
     async def skip(self, job: Job, stage: str) -> None:
         """A stage passes over a job that finished elsewhere (cancelled, timed out)."""
@@ -134,9 +168,14 @@ class Endings:
             await self._queue.ack(job)
 
     async def expire(self, request_id: str) -> None:
-        await self._store.finish(
+        await self.finish(
             request_id, _TIMEOUT, error=RequestTimeout(f"request {request_id} timed out")
         )
+
+    def lost(self, request_id: str) -> None:
+        """The store could not be reached for this job (see the class)."""
+        if self._unreachable is not None:
+            self._unreachable(request_id)
 
 
 @final
@@ -371,7 +410,13 @@ class InferenceStage:
             await self.inbox.ack(job)
 
     async def _call(self, job: Job, me: asyncio.Task[Any]) -> None:
-        if not await self._store.start(job.id):
+        try:
+            started = await self._store.start(job.id)
+        except BackendUnavailable as exc:
+            logger.warning("could not start request %s: %s", job.id, exc)
+            self._endings.lost(job.id)
+            return
+        if not started:
             await self._ack(job)
             return
         start = time.perf_counter()

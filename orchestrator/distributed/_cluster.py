@@ -187,6 +187,10 @@ class Cluster:
         if self.intake is not None:
             await self.intake.give_back(self.intake.unfinished())
 
+    def lost(self, request_id: str) -> None:
+        if self.intake is not None:
+            self.intake.let_go(request_id)
+
     def new_record(self, request: PromptRequest, *, stream: bool) -> RedisRecord:
         """The record of a request about to be admitted here."""
         return RedisRecord(request, stream=stream, created_at=time.time())

@@ -199,6 +199,14 @@ class Intake:
         except BackendUnavailable as exc:  # their leases expire: reclaimed after all
             logger.warning("could not hand back %d jobs (%s)", len(request_ids), exc)
 
+    def let_go(self, request_id: str) -> None:
+        """Stop working on a job whose end could not be recorded, without acknowledging
+        it: unrenewed, its lease is reclaimed (here or by a peer) and it runs again."""
+        self._queue.forget(request_id)
+        self._store.stop_working(request_id)
+        self._in_hand.discard(request_id)
+        self._room.wake_all()
+
     def unfinished(self) -> list[str]:
         """The jobs held and not finished (after the drain: to hand back)."""
         return list(self._queue.held())

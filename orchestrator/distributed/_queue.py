@@ -244,6 +244,10 @@ class RedisWorkQueue:
                 self._client.xclaim(stream, GROUP, self.consumer, 0, entry_ids, justid=True)
             )
 
+    def forget(self, request_id: str) -> None:
+        """Drop a lease without acknowledging it: no longer renewed, it is reclaimed."""
+        self._leases.pop(request_id, None)
+
     def held(self) -> list[str]:
         """The request ids whose entries this process holds."""
         return list(self._leases)

@@ -91,6 +91,10 @@ class RedisStore:
         self._buffers: dict[str, list[str]] = {}  # tokens of requests run here, not streamed
         self._listeners: list[Callable[[str, RequestStatus], object]] = []
         self._errors = backend_errors()
+        self._listen_errors: tuple[type[BaseException], ...] = (
+            *self._errors,
+            BackendUnavailable,
+        )
         self.worker_id = ""
 
     # -- keys ------------------------------------------------------------------------------
@@ -349,7 +353,7 @@ class RedisStore:
                     while (more := await pubsub.get_message(timeout=0)) is not None:
                         heard.append(more)
                     await self._heard(heard)
-            except self._errors as exc:
+            except self._listen_errors as exc:
                 logger.warning("Redis notifications interrupted (%s); reconnecting", exc)
                 await anyio.sleep(pause)
                 pause = min(pause * 2, 2.0)
