@@ -14,6 +14,7 @@ except ModuleNotFoundError as exc:  # main() says it in one line
     _missing: ModuleNotFoundError | None = exc
 else:
     _missing = None
+    from orchestrator.distributed import ClusterConfig
     from orchestrator_server._loop import run
     from orchestrator_server._processes import inherited_socket, serve_processes
     from orchestrator_server.app import run_server
@@ -26,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="orchestrator-server",
         description="Serve the prompt orchestrator over REST, WebSocket and SSE.",
         epilog="Environment: SERVER_HOST, SERVER_PORT, REDIS_URL, RATE_LIMIT_REQUESTS, "
-        "RATE_LIMIT_WINDOW, CORS_ORIGINS, ORCHESTRATOR_WORKER, and each worker's own "
+        "RATE_LIMIT_WINDOW, CORS_ORIGINS, ORCHESTRATOR_WORKER, ORCHESTRATOR_ROLE, "
+        "ORCHESTRATOR_REDIS_PREFIX, ORCHESTRATOR_SHARED_CAPACITY, ORCHESTRATOR_RECLAIM_AFTER, "
+        "ORCHESTRATOR_MAX_DELIVERIES, and each worker's own "
         "(OPENAI_API_KEY, ANTHROPIC_API_KEY, LLAMA_CPP_URL, VLLM_URL, ...).",
     )
     parser.add_argument("--host", help="interface to bind (default 0.0.0.0)")
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         config = ServerConfig.from_env(**overrides)
+        if config.redis_url is not None:
+            ClusterConfig.from_env()  # its variables are checked now, not at startup
     except (ValueError, TypeError) as exc:
         print(f"orchestrator-server: {exc}", file=sys.stderr)
         return 2

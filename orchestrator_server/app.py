@@ -17,6 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from orchestrator import BackendUnavailable, PipelineConfig, PipelineHandles, spawn_pipeline
 from orchestrator._urls import redact_url
+from orchestrator.distributed import ClusterConfig
 from orchestrator.enhanced import CacheLayer, RateLimiter, connect_redis
 from orchestrator.hooks import DEFAULT_TEMPLATE, default_retriever
 from orchestrator_server import routes
@@ -147,6 +148,7 @@ def create_app(
                         pipeline,
                         redis_url=settings.redis_url,
                         role="both" if settings.role == "both" else "frontend",
+                        cluster=ClusterConfig.from_env(),
                     )
                 drain = Drain(settings.drain_seconds, served.shutdown)
             app.state.drain = drain  # start_server begins it on SIGTERM

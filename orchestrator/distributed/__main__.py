@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchestrator-worker",
         description="Run prompt-orchestrator requests from a shared Redis queue.",
-        epilog="Environment: REDIS_URL, ORCHESTRATOR_WORKER, and each worker's own "
+        epilog="Environment: REDIS_URL, ORCHESTRATOR_WORKER, ORCHESTRATOR_REDIS_PREFIX, "
+        "ORCHESTRATOR_RECLAIM_AFTER, ORCHESTRATOR_MAX_DELIVERIES, and each worker's own "
         "(OPENAI_API_KEY, ANTHROPIC_API_KEY, LLAMA_CPP_URL, VLLM_URL, ...).",
     )
     parser.add_argument(
@@ -39,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--drain-seconds", type=float, default=30.0, help="how long running calls may finish"
     )
-    parser.add_argument("--prefix", default="orch:", help="the keys' prefix in Redis")
+    parser.add_argument(
+        "--prefix", help="the keys' prefix in Redis (default $ORCHESTRATOR_REDIS_PREFIX or orch:)"
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -99,7 +102,9 @@ async def _serve(url: str, name: str, args: argparse.Namespace) -> int:
             config,
             redis_url=url,
             role="worker",
-            cluster=ClusterConfig(prefix=args.prefix),
+            cluster=ClusterConfig.from_env(
+                **({} if args.prefix is None else {"prefix": args.prefix})
+            ),
         )
     except (ValueError, TypeError, ImportError) as exc:
         raise _Refused(f"worker {name!r}: {exc}") from None

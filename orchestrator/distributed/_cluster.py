@@ -24,7 +24,7 @@ from orchestrator.distributed._records import RedisRecord
 from orchestrator.distributed._store import RedisStore
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Coroutine
+    from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 
     from redis.asyncio import Redis
 
@@ -76,6 +76,33 @@ class ClusterConfig:
     command_timeout: float = attrs.field(default=1.0, validator=_positive)
     max_connections: int = attrs.field(default=256, validator=attrs.validators.ge(4))
     consumer: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ClusterConfig:
+        """Defaults, then the environment, then ``overrides``: ``ORCHESTRATOR_REDIS_PREFIX``,
+        ``ORCHESTRATOR_SHARED_CAPACITY``, ``ORCHESTRATOR_RECLAIM_AFTER``,
+        ``ORCHESTRATOR_MAX_DELIVERIES`` (what processes started by a command line read).
+
+        Raises:
+            ValueError: A variable holds something unusable (the message names it).
+        """
+        env = os.environ if env is None else env
+        readers: dict[str, tuple[str, Callable[[str], Any]]] = {
+            "ORCHESTRATOR_REDIS_PREFIX": ("prefix", str),
+            "ORCHESTRATOR_SHARED_CAPACITY": ("capacity", int),
+            "ORCHESTRATOR_RECLAIM_AFTER": ("reclaim_after", float),
+            "ORCHESTRATOR_MAX_DELIVERIES": ("max_deliveries", int),
+        }
+        values: dict[str, Any] = {}
+        for variable, (field, parse) in readers.items():
+            raw = env.get(variable)
+            if raw:
+                try:
+                    values[field] = parse(raw)
+                except ValueError:
+                    raise ValueError(f"{variable}={raw!r} is not a valid {field}") from None
+        values.update(overrides)
+        return cls(**values)
 
 
 def _consumer_name() -> str:
