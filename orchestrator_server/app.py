@@ -55,6 +55,7 @@ ROUTES = [
     Route("/api/v1/status/{request_id}", routes.status, methods=["GET"]),
     Route("/api/v1/result/{request_id}", routes.result, methods=["GET"]),
     Route("/api/v1/requests/{request_id}", routes.cancel, methods=["DELETE"]),
+    Route("/api/v1/tokens/{request_id}", routes.follow_tokens, methods=["GET"]),
     WebSocketRoute("/api/v1/stream", stream_endpoint),
     Route("/health", routes.health, methods=["GET"]),
     Route("/metrics", routes.metrics_endpoint, methods=["GET"]),

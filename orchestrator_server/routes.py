@@ -248,9 +248,12 @@ def _event(name: str, data: Mapping[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _sse(ticket: Ticket) -> AsyncIterator[str]:
-    """Server-Sent Events: ``request``, one ``token`` per token, then ``done``."""
+async def _sse(ticket: Ticket, *, owner: bool = True) -> AsyncIterator[str]:
+    """Server-Sent Events: ``request``, one ``token`` per token, then ``done``. The
+    ``owner`` stream (the one that submitted it) cancels the request if its client
+    leaves before the end; a follower's leaving changes nothing."""
     request_id = ticket.request_id
+    done = False
     try:
         yield _event("request", {"request_id": request_id, "status": ticket.status.value})
         try:
@@ -259,8 +262,22 @@ async def _sse(ticket: Ticket) -> AsyncIterator[str]:
         except OrchestratorError:
             pass  # the final event carries the status and the error
         yield _event("done", ticket_body(ticket))
+        done = True
     finally:
-        ticket.cancel_nowait()  # the client left before the end: nobody will read it
+        if owner and not done:
+            ticket.cancel_nowait()  # the client left before the end: nobody will read it
+
+
+async def follow_tokens(request: Request) -> Response:
+    """``GET /api/v1/tokens/{request_id}``: a request's tokens as Server-Sent Events, from
+    the first, on any replica (as the ``"stream": true`` answer, without cancelling the
+    request when this client leaves)."""
+    ticket = await _find(request)
+    return StreamingResponse(
+        _sse(ticket, owner=False),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def _find(request: Request) -> Ticket:
