@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import orchestrator
+import orchestrator.distributed
 import orchestrator.enhanced
 import orchestrator.workers
 import orchestrator_server
@@ -74,13 +75,20 @@ PINNED: dict[str, list[str]] = {
         "TokenUsage",
         "VllmWorker",
     ],
+    "orchestrator.distributed": ["ClusterConfig", "Role"],
     "orchestrator_server": ["ServerConfig", "create_app", "run_server", "start_server"],
 }
 """The exact ``__all__`` of each public package."""
 
 MODULES: dict[str, ModuleType] = {
     module.__name__: module
-    for module in (orchestrator, orchestrator.enhanced, orchestrator.workers, orchestrator_server)
+    for module in (
+        orchestrator,
+        orchestrator.distributed,
+        orchestrator.enhanced,
+        orchestrator.workers,
+        orchestrator_server,
+    )
 }
 
 
@@ -134,6 +142,7 @@ def test_error_tree() -> None:  # the whole tree: tests/test_errors.py
 def test_library_imports_no_web_framework() -> None:
     code = (
         "import sys, orchestrator, orchestrator.enhanced, orchestrator.workers, "
+        "orchestrator.distributed, "
         "orchestrator.metrics\n"
         "bad = [m for m in ('starlette', 'uvicorn', 'fastapi') if m in sys.modules]\n"
         "assert not bad, bad"

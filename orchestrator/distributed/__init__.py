@@ -10,6 +10,6 @@ the guarantees.
 
 from __future__ import annotations
 
-from orchestrator.distributed._cluster import ROLES, ClusterConfig, Role
+from orchestrator.distributed._cluster import ClusterConfig, Role
 
-__all__ = ["ROLES", "ClusterConfig", "Role"]
+__all__ = ["ClusterConfig", "Role"]

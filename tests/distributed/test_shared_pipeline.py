@@ -24,6 +24,7 @@ from orchestrator import (
     spawn_pipeline,
 )
 from orchestrator.distributed import ClusterConfig, Role
+from orchestrator.distributed._metrics import sample_queue
 from tests.helpers import GateWorker
 
 if TYPE_CHECKING:
@@ -236,12 +237,16 @@ async def test_a_dead_workers_jobs_are_reclaimed_and_run_elsewhere(
     await redis.xgroup_create(queue, "workers", id="0", mkstream=True)
     taken = await redis.xreadgroup("workers", "dead-worker", {queue: ">"}, count=10)
     assert len(taken[0][1]) == 5
+    for ticket in tickets:  # its take counted the deliveries, as every worker's does
+        await redis.hincrby(f"{prefix}req:{ticket.request_id}", "attempt", 1)  # type: ignore[misc]
     reclaims = metrics.RECLAIMS.labels().value
+    redeliveries = metrics.REDELIVERIES.labels().value
     await pipelines.worker(EchoWorker.with_delay(0), reclaim_after=0.2)
     with anyio.fail_after(10):
         results = [await ticket.result() for ticket in tickets]
     assert results == [f"r{i}" for i in range(5)]
     assert metrics.RECLAIMS.labels().value - reclaims == 5
+    assert metrics.REDELIVERIES.labels().value - redeliveries == 5
     with anyio.fail_after(5):  # acknowledged (and deleted) in the worker's next batch:
         while await redis.xlen(queue):  # nothing to await across processes, so a poll
             await anyio.sleep(0.01)
@@ -253,12 +258,14 @@ async def test_a_job_delivered_too_often_is_dead_lettered(
     front = await pipelines.frontend()
     ticket = await front.submit(PromptRequest("u", "poison"))
     await redis.hset(f"{prefix}req:{ticket.request_id}", "attempt", "3")  # type: ignore[misc]
+    dead = metrics.DEAD_LETTERS.labels().value
     await pipelines.worker(EchoWorker.with_delay(0), max_deliveries=3)
     with anyio.fail_after(5):
         await ticket.wait()
     assert ticket.status is RequestStatus.FAILED
     assert "dead-lettered" in str(ticket.error)
     assert await redis.xlen(f"{prefix}dead") == 1
+    assert metrics.DEAD_LETTERS.labels().value - dead == 1
 
 
 async def test_a_worker_shutting_down_hands_back_what_it_had_not_started(
@@ -282,3 +289,25 @@ async def test_a_worker_shutting_down_hands_back_what_it_had_not_started(
             await ticket.result()
     assert all(t.status is RequestStatus.COMPLETED for t in (*tickets, *more))
     assert sorted(slow.prompts) == ["r0", "r1"]
+
+
+async def test_the_shared_queue_gauges_read_redis(
+    pipelines: Pipelines, redis: Redis, prefix: str
+) -> None:
+    front = await pipelines.frontend()
+    for i in range(3):
+        await front.submit(PromptRequest("u", f"r{i}", meta={"priority": "high"}))
+    streams = [f"{prefix}q:{level}" for level in ("critical", "high", "normal", "low")]
+    for stream in streams:
+        await redis.xgroup_create(stream, "workers", id="0", mkstream=True)
+    await redis.xreadgroup("workers", "someone", {streams[1]: ">"}, count=1)
+    sampler = asyncio.create_task(sample_queue(redis, streams, None, every=0.01))
+    try:
+        with anyio.fail_after(5):
+            while metrics.SHARED_QUEUE_PENDING.value("high") != 1.0:
+                await anyio.sleep(0.01)  # the sampler's next pass
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    assert metrics.SHARED_QUEUE_DEPTH.value("high") == 2.0  # not yet taken
+    assert metrics.SHARED_QUEUE_DEPTH.value("low") == 0.0
