@@ -48,6 +48,17 @@ async def result(client: httpx.AsyncClient, request_id: str, timeout: float = 20
     return answer.json()
 
 
+async def processing(client: httpx.AsyncClient, ids: list[str], count: int) -> None:
+    """Wait until ``count`` of the requests are being processed by a worker (a poll of their
+    status: the worker's progress is in Redis, nothing here to await)."""
+    with anyio.fail_after(20):
+        while True:
+            statuses = [(await client.get(f"/api/v1/status/{i}")).json()["status"] for i in ids]
+            if statuses.count("processing") == count:
+                return
+            await anyio.sleep(0.05)
+
+
 @pytest.fixture
 async def notes(redis_url: str, env: dict[str, str]) -> AsyncIterator[Counter[str]]:
     """How many finish notifications each request id got (each must get exactly one)."""
@@ -120,12 +131,7 @@ async def test_kill_9_of_a_worker_with_50_in_flight_loses_none(
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
     ):
         ids = [(await submit(client, f"request {i}")).json()["request_id"] for i in range(50)]
-        with anyio.fail_after(20):  # a status to poll: the worker's progress is in Redis
-            while True:
-                statuses = [(await client.get(f"/api/v1/status/{i}")).json()["status"] for i in ids]
-                if statuses == ["processing"] * 50:
-                    break
-                await anyio.sleep(0.05)
+        await processing(client, ids, 50)
         doomed.send(signal.SIGKILL)
         assert await doomed.stopped() == -signal.SIGKILL
         children.append(await processes.worker(redis_url, env, concurrency=50))
@@ -146,12 +152,7 @@ async def test_sigterm_on_a_worker_finishes_its_calls_and_exits_0(
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
     ):
         ids = [(await submit(client, f"request {i}")).json()["request_id"] for i in range(6)]
-        with anyio.fail_after(20):  # a status to poll: the worker's progress is in Redis
-            while True:
-                statuses = [(await client.get(f"/api/v1/status/{i}")).json()["status"] for i in ids]
-                if statuses.count("processing") == 2:
-                    break
-                await anyio.sleep(0.05)
+        await processing(client, ids, 2)
         children.append(await processes.worker(redis_url, env, concurrency=4))
         draining.send(signal.SIGTERM)
         assert await draining.stopped() == 0
