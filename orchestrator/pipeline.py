@@ -126,7 +126,9 @@ class PipelineHandles:
 
     # -- submitting ------------------------------------------------------------------------
 
-    async def submit(self, request: PromptRequest, *, stream: bool = False) -> Ticket:
+    async def submit(
+        self, request: PromptRequest, *, stream: bool = False, wait: bool = False
+    ) -> Ticket:
         """Admit ``request`` and return its ticket at once.
 
         Args:
@@ -135,18 +137,22 @@ class PipelineHandles:
                 ``Ticket.tokens()`` as the model emits them; otherwise ``worker.infer()``
                 is called (the cheaper path for HTTP workers) and ``tokens()`` yields them
                 all when the answer arrives.
+            wait: When the pipeline is full, wait for room (as ``input_tx.send`` does)
+                instead of raising ``Overloaded``: for a program that would rather be
+                slowed down than refused, e.g. ``asyncio.gather`` over a burst larger than
+                the RAG channel.
 
         Raises:
             Overloaded: The RAG channel is full (counted in
-                ``orchestrator_requests_shed_total{stage="rag"}``).
+                ``orchestrator_requests_shed_total{stage="rag"}``), without ``wait``.
             RateLimited: The session is over its budget (with a rate limiter).
             PipelineClosed: Shutdown has begun.
             InvalidRequest: ``meta["priority"]`` is not a known level, or the request id
                 is already in use (also a ``ValueError``).
         """
-        if not self._policies and self._shared is None:  # the fast path: nothing to await
+        if not (self._policies or wait) and self._shared is None:  # nothing to await
             return self._enter(request, self._check(request), stream, None)
-        return await self.admit(request, stream=stream, wait=False)
+        return await self.admit(request, stream=stream, wait=wait)
 
     async def admit(self, request: PromptRequest, *, stream: bool, wait: bool) -> Ticket:
         """Admission: refuse what cannot be taken, apply the policies (rate limit, then
@@ -275,14 +281,18 @@ class PipelineHandles:
         *,
         meta: Mapping[str, str] | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - the request's deadline, not a wait
+        wait: bool = False,
     ) -> str:
         """Submit one prompt and wait for its text: ``await handles.infer("Hi", session_id="u1")``.
+
+        ``wait=True`` waits for room in a full pipeline instead of raising ``Overloaded``
+        (see ``submit``).
 
         Raises:
             The errors of ``submit`` and ``Ticket.result``.
         """
         request = PromptRequest(session=session_id, input=prompt, meta=meta, timeout=timeout)
-        ticket = await self.submit(request)
+        ticket = await self.submit(request, wait=wait)
         return await ticket.result()
 
     # -- finding ---------------------------------------------------------------------------

@@ -557,3 +557,12 @@ async def test_cancelling_one_call_leaves_its_slot_serving_the_next() -> None:
         worker.gate.set()
         assert await second.result() == prompt_for("second")
     assert worker.cancelled == 1
+
+
+async def test_a_burst_larger_than_the_pipeline_waits_for_room_when_asked() -> None:
+    config = PipelineConfig(rag_capacity=4, assemble_capacity=4, inference_capacity=4)
+    async with spawn_pipeline(EchoWorker.with_delay(0.001), config) as handles:
+        with pytest.raises(Overloaded):
+            await asyncio.gather(*(handles.infer(f"p{i}") for i in range(200)))
+        texts = await asyncio.gather(*(handles.infer(f"q{i}", wait=True) for i in range(200)))
+    assert texts == [prompt_for(f"q{i}") for i in range(200)]
