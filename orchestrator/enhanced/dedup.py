@@ -46,6 +46,7 @@ class _Flight:
         "finished",
         "items",
         "key",
+        "leader",
         "registry",
         "running",
         "subscribers",
@@ -59,6 +60,7 @@ class _Flight:
         self.key = key
         self.registry = registry  # the dict of flights it is listed in while in flight
         self.task: asyncio.Task[None] | None = None
+        self.leader: asyncio.Task[object] | None = None  # run: the caller running it inline
         self.waiters = Waiters()  # woken when the call ends (run) or an item comes (stream)
         self.waiting = 0  # run: callers waiting; the last one leaving abandons the call
         self.running = False  # its task started (a task cancelled before it starts never runs)
@@ -147,7 +149,8 @@ class Deduplicator:
         """Number of callers waiting on ``key`` in ``run`` plus those iterating it in ``stream``."""
         call = self._calls.get(key)
         stream = self._streams.get(key)
-        return (call.waiting if call else 0) + (stream.subscribers if stream else 0)
+        running = (call.waiting + (call.leader is not None)) if call else 0
+        return running + (stream.subscribers if stream else 0)
 
     @property
     def stored(self) -> int:
@@ -161,8 +164,9 @@ class Deduplicator:
 
         Args:
             key: What makes two requests identical (e.g. ``cache_key(prompt)``).
-            call: Starts the work; called only by the leader, in a task of this
-                deduplicator, so the leader's own cancellation does not reach it.
+            call: Starts the work; called by the first caller (the leader), in its own
+                task. If the leader is cancelled while others wait, ``call`` is called
+                again for them, in a task of this deduplicator.
 
         Returns:
             The shared call's result, or the stored result of a recent one. All callers of
@@ -172,7 +176,6 @@ class Deduplicator:
             Exception: The shared call's exception: the same object for every waiter.
             PipelineClosed: ``aclose()`` cancelled the call, or was called before.
         """
-        loop = asyncio.get_running_loop()
         flight = self._calls.get(key)
         if flight is None:
             if self._results:
@@ -182,12 +185,8 @@ class Deduplicator:
             if self._closed:
                 raise PipelineClosed("the deduplicator is closed")
             flight = self._calls[key] = _Flight(key, self._calls)
-            task = spawn(loop, self._drive(flight, call))  # may be done already (3.12+)
-            flight.task = task
-            if not task.done():
-                self._tasks.add(task)
-        else:
-            _JOINS.inc()
+            return cast("T", await self._lead(flight, call))
+        _JOINS.inc()
         if not flight.finished:
             flight.waiting += 1
             try:
@@ -195,12 +194,57 @@ class Deduplicator:
             except BaseException:
                 if not flight.finished:
                     flight.waiting -= 1
-                    if not flight.waiting:
-                        self._abandon(flight)
+                    if not flight.waiting and flight.leader is None:
+                        self._abandon(flight)  # nobody wants the call any more
                 raise
         if flight.error is not None:
             flight.raise_error()
         return cast("T", flight.value)  # the key names the call, so its result's type
+
+    async def _lead(self, flight: _Flight, call: Callable[[], Awaitable[object]]) -> object:
+        """The first caller runs the call itself, in its own task: no task, no loop turn
+        (a zero-delay call costs nothing more than calling it). If that caller is
+        cancelled while others wait, the call is handed to them: started again in a task
+        of the deduplicator's (the cancelled one cannot be resumed)."""
+        me = asyncio.current_task()
+        flight.leader = me
+        flight.running = True
+        try:
+            value = await call()
+        except asyncio.CancelledError:
+            flight.leader = None
+            if flight.closed and me is not None:  # aclose() cancelled it, not our caller
+                me.uncancel()
+                raise PipelineClosed(
+                    "the deduplicator was closed while the call was in flight"
+                ) from None
+            if not flight.finished:
+                if flight.waiting:  # hand the call to those still waiting
+                    flight.running = False
+                    task = spawn(asyncio.get_running_loop(), self._drive(flight, call))
+                    flight.task = task
+                    if not task.done():
+                        self._tasks.add(task)
+                else:
+                    flight.abandoned = True
+                    flight.error = asyncio.CancelledError()
+                    self._finish(flight)
+            raise
+        except Exception as exc:
+            flight.leader = None
+            if not flight.finished:
+                flight.error = exc
+                self._finish(flight)
+            raise
+        flight.leader = None
+        if not flight.finished:
+            flight.value = value
+            self._finish(flight)
+            # A call that ignored its leader's cancellation was abandoned all the same.
+            wanted = me is None or not me.cancelling()
+            if self._ttl and wanted and not flight.closed:
+                self._store(self._results, flight.key, value)
+        return value
 
     async def _drive(self, flight: _Flight, call: Callable[[], Awaitable[object]]) -> None:
         # Waiters are woken from here, not from a done callback: one loop cycle sooner.
@@ -365,9 +409,15 @@ class Deduplicator:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        leaders = [f.leader for f in flights if f.leader is not None]
+        for leader in leaders:  # a caller running a call inline: it raises PipelineClosed
+            leader.cancel()
         for flight in flights:
             if not flight.running:  # cancelled before its first step: finish it here
                 flight.error = asyncio.CancelledError()
+                self._finish(flight)
+            elif flight.leader is not None and not flight.finished:
+                flight.error = asyncio.CancelledError()  # its waiters: PipelineClosed
                 self._finish(flight)
         if tasks:
             await asyncio.wait(tasks)
