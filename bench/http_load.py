@@ -1,11 +1,13 @@
 """``POST /api/v1/infer`` throughput and latency: the example server versus a bare app.
 
-The example server runs without its access log (the bare app has none), then without its
-policies (response cache, dedup), then with the access log. Every request carries a new
+The example server runs with its policies (memory response cache, dedup, and a rate limiter
+set too high to refuse) but without its access log (the bare app has none), then without its
+policies, then with the access log. Every request carries a new
 prompt, so every request misses the cache: the pessimistic case. Only 200 answers count
 (wrk counts a shed 503 as a request). Each runs as one uvicorn process (the same loop and
 HTTP parser), one after the other, several interleaved rounds, loaded by ``wrk`` (Debian's
-``wrk`` package) with the same POST bodies. The bare app is Starlette parsing the JSON and
+``wrk`` package) with the same POST bodies. On a machine with two cores or more the server is
+pinned to core 0 and ``wrk`` to core 1 (``taskset``): unpinned runs on two cores swing by half. The bare app is Starlette parsing the JSON and
 answering the same shape: the floor for one request through uvicorn and Starlette.
 
     python bench/http_load.py [--duration 5] [--connections 64] [--rounds 3]
@@ -40,10 +42,14 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # as the example ser
 
 async def main() -> None:
     access_log = os.environ.get("BENCH_ACCESS_LOG") == "1"
-    config = ServerConfig(host="127.0.0.1", port=int(sys.argv[1]), access_log=access_log)
-    if os.environ.get("BENCH_POLICIES") == "0":  # no response cache, no dedup
+    port = int(sys.argv[1])
+    if os.environ.get("BENCH_POLICIES") == "0":  # no response cache, no dedup, no limiter
         config = ServerConfig(
-            host=config.host, port=config.port, access_log=access_log, cache_entries=0, dedup=False
+            host="127.0.0.1", port=port, access_log=access_log, cache_entries=0, dedup=False
+        )
+    else:  # the example's defaults, plus a rate limiter set too high to refuse
+        config = ServerConfig(
+            host="127.0.0.1", port=port, access_log=access_log, rate_limit_requests=10**9
         )
     async with contextlib.AsyncExitStack() as stack:  # the example's policies, zero-delay echo
         pipeline = await build_pipeline_config(config, stack)
@@ -130,6 +136,11 @@ def parse_wrk(output: str) -> dict[str, float]:
     }
 
 
+def pin(core: int, args: argparse.Namespace) -> list[str]:
+    """``taskset -c CORE`` when pinning is on, else nothing."""
+    return ["taskset", "-c", str(core)] if args.pin else []
+
+
 def run(
     source: str, lua: Path, args: argparse.Namespace, env: dict[str, str] | None = None
 ) -> dict[str, float]:
@@ -137,7 +148,7 @@ def run(
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
         script.write(source)
     process = subprocess.Popen(
-        [sys.executable, script.name, str(port)],
+        [*pin(0, args), sys.executable, script.name, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
@@ -145,6 +156,7 @@ def run(
     try:
         wait_ready(port, process)
         command = [
+            *pin(1, args),
             "wrk",
             f"-t{args.threads}",
             f"-c{args.connections}",
@@ -169,7 +181,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--no-pin", dest="pin", action="store_false", help="do not pin server and wrk to cores"
+    )
     args = parser.parse_args()
+    args.pin = args.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
     if shutil.which("wrk") is None:
         sys.exit("bench/http_load.py needs wrk: apt-get install -y wrk")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:

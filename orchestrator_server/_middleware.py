@@ -19,6 +19,8 @@ from orchestrator_server._json import JsonResponse
 from orchestrator_server._request_ids import next_request_id
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from starlette.datastructures import Headers
     from starlette.responses import Response
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -65,7 +67,8 @@ class EdgeMiddleware:
     """Request ids, the access log, the last-resort 500, CORS for browsers.
 
     Requests without an ``Origin`` header skip CORS (it cost more than our whole route),
-    with ``Vary: Origin`` kept.
+    with ``Vary: Origin`` kept; of those, the ones ``hot_route`` names an app for go
+    straight to it, past Starlette's exception middleware and router.
     """
 
     def __init__(
@@ -74,9 +77,11 @@ class EdgeMiddleware:
         *,
         access_log: bool = True,
         cors_origins: tuple[str, ...] = ("*",),
+        hot_route: Callable[[Scope], ASGIApp | None] | None = None,
     ) -> None:
         self.app = app
         self.access_log = access_log
+        self.hot_route = hot_route
         self.cors = _JsonCors(
             app,
             allow_origins=list(cors_origins),
@@ -104,6 +109,8 @@ class EdgeMiddleware:
                     request_id = candidate
             elif name == b"origin":
                 inner = self.cors
+        if inner is self.app and self.hot_route is not None:
+            inner = self.hot_route(scope) or inner
         request_id = request_id or next_request_id()
         extra_headers = (
             (b"x-request-id", request_id.encode()),

@@ -8,7 +8,7 @@ import math
 import signal
 import threading
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import uvicorn
 from starlette.applications import Starlette
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     import socket
     from collections.abc import AsyncIterator
     from types import FrameType
+
+    from starlette.types import ASGIApp, Scope
 
 
 __all__ = [
@@ -60,6 +62,26 @@ ROUTES = [
     Route("/health", routes.health, methods=["GET"]),
     Route("/metrics", routes.metrics_endpoint, methods=["GET"]),
 ]
+
+
+_RESULT: Final = "/api/v1/result/"
+_STATUS: Final = "/api/v1/status/"
+
+
+def _hot_route(scope: Scope) -> ASGIApp | None:
+    """The raw route of the requests a client makes once per prompt, as ``ROUTES`` would
+    match it (its ``path_params`` set), or ``None`` for Starlette's router to match."""
+    path: str = scope["path"]
+    if path == "/api/v1/infer":
+        return routes.infer.endpoint if scope["method"] == "POST" else None
+    for prefix, route in ((_RESULT, routes.result), (_STATUS, routes.status)):
+        if path.startswith(prefix):
+            request_id = path[len(prefix) :]
+            if scope["method"] != "GET" or not request_id or "/" in request_id:
+                return None
+            scope["path_params"] = {"request_id": request_id}
+            return route.endpoint
+    return None
 
 
 async def build_pipeline_config(config: ServerConfig, stack: AsyncExitStack) -> PipelineConfig:
@@ -158,7 +180,10 @@ def create_app(
 
     middleware = [
         Middleware(
-            EdgeMiddleware, access_log=settings.access_log, cors_origins=settings.cors_origins
+            EdgeMiddleware,
+            access_log=settings.access_log,
+            cors_origins=settings.cors_origins,
+            hot_route=_hot_route,
         ),
     ]
     return Starlette(

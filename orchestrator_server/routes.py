@@ -25,6 +25,15 @@ from orchestrator import (
     Ticket,
     metrics,
 )
+from orchestrator_server._asgi import (
+    AsgiRoute,
+    ClientGone,
+    PayloadTooLarge,
+    answer,
+    header,
+    query_param,
+    read_body,
+)
 from orchestrator_server._json import BadJson, JsonResponse, check_text, loads
 from orchestrator_server._middleware import printable
 
@@ -32,7 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
 
     from starlette.requests import HTTPConnection, Request
-    from starlette.types import Receive
+    from starlette.types import Receive, Scope, Send
 
     from orchestrator_server._drain import Drain
     from orchestrator_server.config import ServerConfig
@@ -43,11 +52,15 @@ __all__ = [
     "BadRequest",
     "config_of",
     "drain_of",
+    "error_answer",
     "error_response",
     "handles_of",
+    "infer",
     "parse_infer",
     "parse_json",
     "rate_headers",
+    "result",
+    "status",
     "ticket_body",
 ]
 
@@ -85,10 +98,6 @@ def parse_json(raw: bytes | str) -> object:
         return loads(raw)
     except BadJson as exc:
         raise BadRequest(str(exc)) from None
-
-
-class PayloadTooLarge(Exception):
-    """The body exceeded ``max_request_size``; answered as 413."""
 
 
 def parse_infer(
@@ -190,23 +199,9 @@ def drain_of(conn: HTTPConnection) -> Drain:
     return drain
 
 
-def _client_session(request: Request) -> str:
-    client = request.client
-    return f"ip:{client.host}" if client else "anonymous"
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _client_session(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"ip:{client[0]}" if client else "anonymous"
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -216,32 +211,51 @@ def _is_json(content_type: str | None) -> bool:
     return media in _JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def infer(request: Request) -> Response:
+async def _infer(scope: Scope, receive: Receive, send: Send) -> None:
     """``POST /api/v1/infer``: submit; answer at once (or stream SSE with ``"stream": true``)."""
-    config = config_of(request)
-    if not _is_json(request.headers.get("content-type")):
+    config: ServerConfig = scope["state"]["config"]
+    if not _is_json(header(scope, b"content-type")):
         # A browser may POST text/plain cross-origin without a preflight: only JSON is ours.
-        return error_response(415, "the body must be JSON: send Content-Type: application/json")
+        message = "the body must be JSON: send Content-Type: application/json"
+        await answer(send, {"error": message}, 415)
+        return
     try:
-        raw = await _read_body(request, config.max_request_size)
+        raw = await read_body(scope, receive, config.max_request_size)
     except PayloadTooLarge:
-        return error_response(413, f"request body is larger than {config.max_request_size} bytes")
+        message = f"request body is larger than {config.max_request_size} bytes"
+        await answer(send, {"error": message}, 413)
+        return
+    except ClientGone:
+        return  # nobody to answer, nothing submitted
     try:
         prompt_request, stream = parse_infer(
-            parse_json(raw), _client_session(request), config.timeout_seconds
+            parse_json(raw), _client_session(scope), config.timeout_seconds
         )
-    except BadRequest as exc:
-        return error_response(400, str(exc))
-    ticket = await handles_of(request).submit(prompt_request, stream=stream)
+        handles: PipelineHandles = scope["state"]["handles"]
+        ticket = await handles.submit(prompt_request, stream=stream)
+    except Exception as exc:
+        await error_answer(exc, scope)(scope, receive, send)
+        return
     rate = ticket.rate_limit
-    headers = None if rate is None else rate_headers(rate.limit, rate.remaining, rate.reset_in)
     if stream:
-        return StreamingResponse(
-            _sse(ticket),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
-        )
-    return JsonResponse(ticket_body(ticket), headers=headers)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if rate is not None:
+            headers.update(rate_headers(rate.limit, rate.remaining, rate.reset_in))
+        response = StreamingResponse(_sse(ticket), media_type="text/event-stream", headers=headers)
+        await response(scope, receive, send)
+        return
+    if rate is None:
+        await answer(send, ticket_body(ticket))
+        return
+    limits = (
+        (b"x-ratelimit-limit", b"%d" % rate.limit),
+        (b"x-ratelimit-remaining", b"%d" % rate.remaining),
+        (b"x-ratelimit-reset", b"%d" % math.ceil(rate.reset_in)),
+    )
+    await answer(send, ticket_body(ticket), headers=limits)
+
+
+infer = AsgiRoute(_infer)
 
 
 def _event(name: str, data: Mapping[str, Any]) -> str:
@@ -287,21 +301,42 @@ async def _find(request: Request) -> Ticket:
     return ticket
 
 
-async def status(request: Request) -> Response:
+async def _found(scope: Scope, receive: Receive, send: Send) -> Ticket | None:
+    """The ticket the path names, or ``None`` once the 404 (or the error) is answered."""
+    handles: PipelineHandles = scope["state"]["handles"]
+    try:
+        ticket = await handles.find(scope["path_params"]["request_id"])
+    except Exception as exc:
+        await error_answer(exc, scope)(scope, receive, send)
+        return None
+    if ticket is None:
+        await answer(send, {"error": "unknown request id"}, 404)
+    return ticket
+
+
+async def _status(scope: Scope, receive: Receive, send: Send) -> None:
     """``GET /api/v1/status/{request_id}``: the request as it is now."""
-    return JsonResponse(ticket_body(await _find(request)))
+    ticket = await _found(scope, receive, send)
+    if ticket is not None:
+        await answer(send, ticket_body(ticket))
 
 
-async def result(request: Request) -> Response:
+status = AsgiRoute(_status)
+
+
+async def _result(scope: Scope, receive: Receive, send: Send) -> None:
     """``GET /api/v1/result/{request_id}``: wait (no polling) up to the timeout, then answer.
 
     The wait ends early, and frees everything it holds, when the client disconnects; when
     the server's drain runs out of time first, the answer is a 503 with the request's id
     and status (the client may ask again elsewhere).
     """
-    ticket = await _find(request)
-    limit = config_of(request).timeout_seconds
-    raw = request.query_params.get("timeout")
+    ticket = await _found(scope, receive, send)
+    if ticket is None:
+        return
+    config: ServerConfig = scope["state"]["config"]
+    limit = config.timeout_seconds
+    raw = query_param(scope, "timeout")
     timeout = limit
     if raw is not None:
         try:
@@ -309,16 +344,21 @@ async def result(request: Request) -> Response:
         except ValueError:
             timeout = math.nan
         if not 0 <= timeout < math.inf:
-            return error_response(400, "'timeout' must be a number of seconds >= 0")
+            await answer(send, {"error": "'timeout' must be a number of seconds >= 0"}, 400)
+            return
         timeout = min(timeout, limit)
-    drain = drain_of(request)
+    drain: Drain = scope["state"]["drain"]
     if not ticket.done() and timeout > 0:
-        await _wait_while_connected(ticket, timeout, request.receive, drain)
+        await _wait_while_connected(ticket, timeout, receive, drain)
     if not ticket.done() and drain.over:
         body = ticket_body(ticket)
         body["error"] = "the server is shutting down before the request finished: ask again"
-        return JsonResponse(body, status_code=503, headers={"Retry-After": "1"})
-    return JsonResponse(ticket_body(ticket))
+        await answer(send, body, 503, [(b"retry-after", b"1")])
+        return
+    await answer(send, ticket_body(ticket))
+
+
+result = AsgiRoute(_result)
 
 
 async def _wait_while_connected(
@@ -368,11 +408,6 @@ async def metrics_endpoint(request: Request) -> Response:
 # -- errors ----------------------------------------------------------------------------------
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, exc.detail, exc.headers)
-
-
 def rate_headers(limit: int, remaining: int, reset_in: float) -> dict[str, str]:
     """``X-RateLimit-*``: the limit, what is left, and the seconds until the whole quota
     is back (the bucket full), as GitHub's API and the IETF RateLimit draft use them."""
@@ -383,48 +418,46 @@ def rate_headers(limit: int, remaining: int, reset_in: float) -> dict[str, str]:
     }
 
 
-async def _rate_limited(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RateLimited)
-    headers = rate_headers(exc.limit, exc.remaining, exc.reset_in)
-    headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))  # the next request
-    return error_response(429, str(exc), headers)
-
-
-async def _overloaded(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, Overloaded)
-    retry = max(1, math.ceil(exc.retry_after))
-    return error_response(503, str(exc), {"Retry-After": str(retry)})
-
-
-async def _unavailable(request: Request, exc: Exception) -> Response:
-    logger.warning("%s %s: %s", request.method, printable(request.url.path), exc)
-    return error_response(
-        503,
-        "the request store (Redis) is unavailable: retry shortly",
-        {"Retry-After": "1"},
+def error_answer(exc: Exception, scope: Scope) -> Response:
+    """The JSON answer to an error a route raised: the library's refusals as 4xx and 503
+    (with ``Retry-After`` where a retry helps), anything else a logged 500."""
+    if isinstance(exc, HTTPException):
+        return error_response(exc.status_code, exc.detail, exc.headers)
+    if isinstance(exc, RateLimited):
+        headers = rate_headers(exc.limit, exc.remaining, exc.reset_in)
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))  # the next request
+        return error_response(429, str(exc), headers)
+    if isinstance(exc, Overloaded):
+        retry = max(1, math.ceil(exc.retry_after))
+        return error_response(503, str(exc), {"Retry-After": str(retry)})
+    if isinstance(exc, BackendUnavailable):
+        logger.warning("%s %s: %s", scope["method"], printable(scope["path"]), exc)
+        message = "the request store (Redis) is unavailable: retry shortly"
+        return error_response(503, message, {"Retry-After": "1"})
+    if isinstance(exc, PipelineClosed):
+        return error_response(503, "the server is shutting down", {"Retry-After": "5"})
+    if isinstance(exc, InvalidRequest):  # BadRequest too; any other ValueError is a bug: 500
+        return error_response(400, str(exc))
+    logger.error(
+        "unhandled error on %s %s", scope["method"], printable(scope["path"]), exc_info=exc
     )
-
-
-async def _closed(request: Request, exc: Exception) -> Response:
-    return error_response(503, "the server is shutting down", {"Retry-After": "5"})
-
-
-async def _invalid_request(request: Request, exc: Exception) -> Response:
-    return error_response(400, str(exc))
-
-
-async def _internal(request: Request, exc: Exception) -> Response:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal server error")
 
 
-EXCEPTION_HANDLERS: dict[Any, Any] = {
-    HTTPException: _http_error,
-    RateLimited: _rate_limited,
-    Overloaded: _overloaded,
-    PipelineClosed: _closed,
-    BackendUnavailable: _unavailable,
-    InvalidRequest: _invalid_request,  # BadRequest too; any other ValueError is a bug: 500
-    Exception: _internal,
-}
+async def _handle(request: Request, exc: Exception) -> Response:
+    return error_answer(exc, request.scope)
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = dict.fromkeys(
+    (
+        HTTPException,
+        RateLimited,
+        Overloaded,
+        PipelineClosed,
+        BackendUnavailable,
+        InvalidRequest,
+        Exception,
+    ),
+    _handle,
+)
 """Library errors to HTTP answers (matched by MRO); ``Exception`` is the last resort."""
