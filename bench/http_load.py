@@ -7,8 +7,9 @@ prompt, so every request misses the cache: the pessimistic case. Only 200 answer
 (wrk counts a shed 503 as a request). Each runs as one uvicorn process (the same loop and
 HTTP parser), one after the other, several interleaved rounds, loaded by ``wrk`` (Debian's
 ``wrk`` package) with the same POST bodies. On a machine with two cores or more the server is
-pinned to core 0 and ``wrk`` to core 1 (``taskset``): unpinned runs on two cores swing by half. The bare app is Starlette parsing the JSON and
-answering the same shape: the floor for one request through uvicorn and Starlette.
+pinned to core 0 and ``wrk`` to core 1 (``taskset``): unpinned runs on two cores swing by
+half. The bare app is Starlette parsing the JSON and answering the same shape: the floor for
+one request through uvicorn and Starlette.
 
     python bench/http_load.py [--duration 5] [--connections 64] [--rounds 3]
 """

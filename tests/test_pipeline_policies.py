@@ -101,6 +101,16 @@ async def test_cache_key_covers_metadata_and_worker_identity() -> None:
     assert len(second.prompts) == 1  # same input and metadata, another model: a miss
 
 
+async def test_cache_key_keeps_metadata_keys_and_values_apart() -> None:
+    cache = CacheLayer.new_memory(100)
+    worker = GateWorker(open_=True)
+    async with spawn_pipeline(worker, PipelineConfig(cache=cache)) as handles:
+        await handles.infer("q", meta={"a": "b=c"})
+        await handles.infer("q", meta={"a=b": "c"})
+        await handles.infer("q", meta={"a": "b=c", "priority": "high"})  # priority: ignored
+    assert len(worker.prompts) == 2
+
+
 async def test_failures_are_not_cached() -> None:
     cache = CacheLayer.new_memory(100)
     worker = GateWorker(open_=True)
