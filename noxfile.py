@@ -41,6 +41,7 @@ BENCHMARKS = [
     "bench/enhanced_primitives.py",
     "bench/reliability_primitives.py",
     "bench/http_load.py",  # needs wrk (apt-get install wrk)
+    "bench/stream_load.py",  # needs wrk
 ]
 
 

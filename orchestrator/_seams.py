@@ -18,7 +18,9 @@ Across processes each gets a Redis implementation with the same semantics; the s
   acknowledge a lease once the job's record is finished; release one unstarted (a peer
   takes it at once).
 - **Token stream**: append a request's tokens as they come; read them from the first, at
-  any time, live, until the record finishes.
+  any time, live, until the record finishes, in batches: each batch is every token that
+  had arrived and was not yet read when the reader looked (so a reader that falls behind
+  catches up in one step, and a writer that relays them can send a batch in one write).
 """
 
 from __future__ import annotations
@@ -114,8 +116,9 @@ class TokenStream(Protocol):
         """Add tokens (ignored once the record has finished)."""
         ...
 
-    def read_tokens(self, request_id: str) -> AsyncIterator[str]:
-        """Every token from the first, then the live ones; ends when the record finishes."""
+    def read_token_batches(self, request_id: str) -> AsyncIterator[Sequence[str]]:
+        """Every token from the first, then the live ones, as batches of those waiting
+        (never an empty batch); ends when the record finishes."""
         ...
 
 

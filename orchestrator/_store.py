@@ -285,16 +285,20 @@ class MemoryStore:
             if record.token_waiters is not None:
                 record.token_waiters.wake_all()
 
-    async def read_tokens(self, request_id: str) -> AsyncIterator[str]:
+    async def read_token_batches(self, request_id: str) -> AsyncIterator[Sequence[str]]:
         record = self._records.get(request_id)
         if record is None:
             return
         i = 0
         while True:
             tokens = record.tokens
-            while i < len(tokens):
-                yield tokens[i]
-                i += 1
+            n = len(tokens)
+            if i < n:
+                # A copy of the growing list, or the tail of its compacted form.
+                batch = tokens[i:] if type(tokens) is list else [tokens[j] for j in range(i, n)]
+                i = n
+                yield batch
+                continue  # more may have come, or the record finished, meanwhile
             if record.finished_at is not None:
                 return
             if record.token_waiters is None:

@@ -8,7 +8,7 @@ from orchestrator._seams import RequestStore, TokenStream
 from orchestrator.types import RequestStatus
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
     from orchestrator._seams import RequestRecord
     from orchestrator.enhanced.rate_limit import RateDecision
@@ -171,8 +171,24 @@ class Ticket:
             The request's error (as ``result()``) after the tokens it produced, if it did
             not complete.
         """
-        async for token in self._store.read_tokens(self._record.id):
-            yield token
+        async for batch in self.token_batches():
+            for token in batch:
+                yield token
+
+    async def token_batches(self) -> AsyncIterator[Sequence[str]]:
+        """Yield the tokens of ``tokens()`` in batches: each batch holds every token that had
+        arrived and was not yet yielded when the iteration looked (never an empty one).
+
+        For relaying tokens to a client: a relay that falls behind a fast model catches
+        up in one step and can send the batch in one write, while a lone token still goes
+        out alone, at once. Joined, the batches are exactly ``tokens()``.
+
+        Raises:
+            The request's error (as ``result()``) after the tokens it produced, if it did
+            not complete.
+        """
+        async for batch in self._store.read_token_batches(self._record.id):
+            yield batch
         await self.wait()
         if self._record.status is not _COMPLETED:
             error = self._record.error

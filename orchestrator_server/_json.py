@@ -5,6 +5,8 @@ always encode. Private.
   deep the parser recurses out of stack) into ``BadJson`` with a message for the client.
 - ``check_text`` refuses text that cannot be written back as UTF-8 (a lone surrogate,
   which JSON's ``\\ud800`` escape can smuggle in): what we accept, we can return.
+- ``quote`` writes one string as a JSON string (ASCII escapes, as ``json.dumps`` does),
+  for frames built around a fixed head, one per streamed token.
 - ``JsonResponse`` never fails to encode: text with a lone surrogate (a worker or a hook
   may still produce one) is written with ASCII escapes instead.
 """
@@ -17,7 +19,7 @@ from typing import Any, Final
 
 from starlette.responses import JSONResponse
 
-__all__ = ["BadJson", "JsonResponse", "check_text", "dumps", "loads"]
+__all__ = ["BadJson", "JsonResponse", "check_text", "dumps", "loads", "quote"]
 
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
@@ -62,6 +64,10 @@ def dumps(content: Any) -> bytes:
     except UnicodeEncodeError:
         return _ASCII_ENCODER.encode(content).encode("ascii")
 
+
+# ``quote(text)``: text as a JSON string, exactly as ``json.dumps(text)`` writes it (in C,
+# with no Python frame of ours: it runs once per streamed token).
+quote: Final = json.encoder.encode_basestring_ascii
 
 # json.dumps with any argument builds a new encoder per call: a third of its cost.
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))

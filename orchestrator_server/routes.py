@@ -34,7 +34,7 @@ from orchestrator_server._asgi import (
     query_param,
     read_body,
 )
-from orchestrator_server._json import BadJson, JsonResponse, check_text, loads
+from orchestrator_server._json import BadJson, JsonResponse, check_text, loads, quote
 from orchestrator_server._middleware import printable
 
 if TYPE_CHECKING:
@@ -263,16 +263,19 @@ def _event(name: str, data: Mapping[str, Any]) -> str:
 
 
 async def _sse(ticket: Ticket, *, owner: bool = True) -> AsyncIterator[str]:
-    """Server-Sent Events: ``request``, one ``token`` per token, then ``done``. The
+    """Server-Sent Events: ``request``, one ``token`` per token, then ``done``. Tokens
+    that are waiting together go out in one write (the events are as ``json.dumps`` writes
+    them); a lone token goes out at once. The
     ``owner`` stream (the one that submitted it) cancels the request if its client
     leaves before the end; a follower's leaving changes nothing."""
     request_id = ticket.request_id
     done = False
+    head = f'event: token\ndata: {{"request_id": {quote(request_id)}, "token": '
     try:
         yield _event("request", {"request_id": request_id, "status": ticket.status.value})
         try:
-            async for token in ticket.tokens():
-                yield _event("token", {"request_id": request_id, "token": token})
+            async for batch in ticket.token_batches():  # the tokens waiting: one write
+                yield "".join([f"{head}{quote(token)}}}\n\n" for token in batch])
         except OrchestratorError:
             pass  # the final event carries the status and the error
         yield _event("done", ticket_body(ticket))

@@ -7,11 +7,13 @@ Server -> client: ``{"request_id", "status": "processing"}``, then (with ``"stre
 "status": "completed", "result"}`` or ``{"request_id", "status": <failed|timeout|cancelled>,
 "error"}``. Bad input gets ``{"error": "..."}`` and the socket stays open.
 
-Frames go out through a bounded queue drained by one sender task: the pipeline never waits
-on a client. The connection's task group owns the sender and one follower per request, so
-none outlives the connection. A client that stops reading (queue full, or a send slower than
-``ws_send_timeout``) is disconnected and its requests are cancelled; so are the requests
-of a client that disconnects.
+Frames go out through a bounded outbox drained by one sender task: the pipeline never waits
+on a client. A request's tokens that are waiting together are queued in one step and sent
+back to back (one frame each: the shape is one token per frame), a lone token at once. The
+connection's task group owns the sender and one follower per request, so none outlives the
+connection. A client that stops reading (the outbox full, or the frames waiting for it not
+accepted within ``ws_send_timeout``) is disconnected and its requests are cancelled; so are
+the requests of a client that disconnects.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any
+from collections import deque
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from orchestrator import OrchestratorError, RateLimited, Ticket
+from orchestrator_server._json import quote
 from orchestrator_server.routes import (
     BadRequest,
     config_of,
@@ -34,6 +38,9 @@ from orchestrator_server.routes import (
     parse_infer,
     parse_json,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["stream_endpoint"]
 
@@ -53,30 +60,39 @@ class _Connection:
         self.tg = tg
         self.config = config_of(websocket)
         self.handles = handles_of(websocket)
-        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_OUTBOX_FRAMES)
+        self.outbox: deque[str] = deque()  # frames, as text
+        self.pending = asyncio.Event()  # set when the outbox has frames
         self.tickets: dict[str, Ticket] = {}
         client = websocket.client
         self.default_session = f"ip:{client.host}" if client else "anonymous"
         self.too_slow = False
 
     def emit(self, frame: dict[str, Any]) -> None:
-        """Queue a frame; a client so far behind that the queue is full is dropped."""
+        """Queue a frame; a client so far behind that the outbox is full is dropped."""
+        self.emit_texts((json.dumps(frame),))
+
+    def emit_texts(self, frames: Sequence[str]) -> None:
+        """Queue frames already written as JSON text, in order."""
         if self.too_slow:
             return
-        try:
-            self.outbox.put_nowait(frame)
-        except asyncio.QueueFull:
+        if len(self.outbox) + len(frames) > _OUTBOX_FRAMES:
             self.too_slow = True
             self.tg.cancel_scope.cancel()
+            return
+        self.outbox.extend(frames)
+        self.pending.set()
 
     async def sender(self) -> None:
-        """Send the queued frames; one that takes longer than ``ws_send_timeout`` marks
-        the client too slow and ends the connection."""
+        """Send the queued frames; frames the client does not accept within
+        ``ws_send_timeout`` (of their turn to go) mark it too slow and end the connection."""
         send, timeout = self.websocket.send_text, self.config.ws_send_timeout
+        outbox, pending = self.outbox, self.pending
         while True:
-            frame = await self.outbox.get()
-            with anyio.move_on_after(timeout) as scope:
-                await send(json.dumps(frame))
+            await pending.wait()
+            pending.clear()
+            with anyio.move_on_after(timeout) as scope:  # one timer for what is waiting
+                while outbox:
+                    await send(outbox.popleft())
             if scope.cancelled_caught:
                 self.too_slow = True
                 self.tg.cancel_scope.cancel()
@@ -122,9 +138,11 @@ class _Connection:
         connection, it leaves the ticket listed, for ``abandon`` to cancel."""
         request_id = ticket.request_id
         if stream:
+            # The frames as json.dumps writes them, around a head written once.
+            head = f'{{"request_id": {quote(request_id)}, "status": "streaming", "token": '
             try:
-                async for token in ticket.tokens():
-                    self.emit({"request_id": request_id, "status": "streaming", "token": token})
+                async for batch in ticket.token_batches():
+                    self.emit_texts([f"{head}{quote(token)}}}" for token in batch])
             except OrchestratorError:
                 pass  # reported in the final frame
         await ticket.wait()

@@ -367,6 +367,24 @@ async def test_tokens_arrive_while_the_worker_produces_them() -> None:
         assert await ticket.result() == "one two three"
 
 
+async def test_token_batches_hold_what_waited_and_a_lone_token_alone() -> None:
+    worker = GateWorker(open_=True)
+    worker.token_gates = [asyncio.Event() for _ in range(2)]
+    prompt = "one two " + " ".join(f"w{i}" for i in range(50))
+    async with spawn_pipeline(worker, PipelineConfig(template="{input}")) as handles:
+        ticket = await handles.submit(PromptRequest("s", prompt), stream=True)
+        batches = ticket.token_batches()
+        worker.token_gates[0].set()
+        assert await anext(batches) == ["one"]  # not held back for company
+        worker.token_gates[1].set()  # the rest come in one loop turn
+        rest = [list(batch) async for batch in batches]
+        assert rest == [[" two", *(f" w{i}" for i in range(50))]]
+        assert await ticket.result() == prompt
+        replayed = [list(batch) async for batch in ticket.token_batches()]
+        assert replayed == [["one", " two", *(f" w{i}" for i in range(50))]]
+        assert [t async for t in ticket.tokens()] == replayed[0]
+
+
 async def test_tokens_replay_from_the_first_however_late() -> None:
     config = PipelineConfig(template="{input}")
     async with spawn_pipeline(EchoWorker.with_delay(0), config) as handles:

@@ -17,7 +17,7 @@ from orchestrator.errors import InferenceError, InvalidRequest
 from orchestrator.types import PromptRequest, RequestStatus
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
 pytestmark = pytest.mark.anyio
 
@@ -203,31 +203,36 @@ async def test_cancelling_a_wait_ends_only_that_wait() -> None:
 # -- tokens --------------------------------------------------------------------------------
 
 
-async def test_read_tokens_from_the_first_then_live_until_finish() -> None:
+async def test_read_token_batches_from_the_first_then_live_until_finish() -> None:
     store = _store()
     _create(store, "a")
     await store.append_tokens("a", ["one", " two"])
-    reader = store.read_tokens("a")
+    await store.append_tokens("a", [" three"])
+    reader = store.read_token_batches("a")
     with anyio.fail_after(5):
-        assert [await anext(reader), await anext(reader)] == ["one", " two"]
+        assert await anext(reader) == ["one", " two", " three"]  # all that waited, at once
         nxt = asyncio.create_task(_next(reader))
         await anyio.wait_all_tasks_blocked()
         assert not nxt.done()
-        await store.append_tokens("a", [" three"])
-        assert await nxt == " three"
+        await store.append_tokens("a", [" four"])
+        assert await nxt == [" four"]  # a lone token alone
         rest = asyncio.create_task(_drain(reader))
         await anyio.wait_all_tasks_blocked()
         assert not rest.done()
-        await store.finish("a", COMPLETED, result="one two three")
+        await store.finish("a", COMPLETED, result="one two three four")
         assert await rest == []
 
 
-async def _next(reader: AsyncIterator[str]) -> str:
+async def _next(reader: AsyncIterator[Sequence[str]]) -> Sequence[str]:
     return await anext(reader)
 
 
-async def _drain(reader: AsyncIterator[str]) -> list[str]:
-    return [token async for token in reader]
+async def _drain(reader: AsyncIterator[Sequence[str]]) -> list[Sequence[str]]:
+    return [batch async for batch in reader]
+
+
+async def _tokens(store: MemoryStore, request_id: str) -> list[str]:
+    return [token async for batch in store.read_token_batches(request_id) for token in batch]
 
 
 async def test_read_tokens_however_late_and_none_after_finish() -> None:
@@ -237,8 +242,8 @@ async def test_read_tokens_however_late_and_none_after_finish() -> None:
     await store.finish("a", COMPLETED, result="xy")
     await store.append_tokens("a", ["late"])  # ignored: the stream ended with the record
     with anyio.fail_after(5):
-        assert [t async for t in store.read_tokens("a")] == ["x", "y"]
-        assert [t async for t in store.read_tokens("unknown")] == []
+        assert await _tokens(store, "a") == ["x", "y"]
+        assert await _tokens(store, "unknown") == []
     assert record.token_count == 2
 
 
@@ -253,7 +258,7 @@ async def test_many_finished_tokens_replay_exactly_and_share_the_result() -> Non
     result = "".join(tokens)  # equal to the joined tokens, a different object
     await store.finish("a", COMPLETED, result=result)
     with anyio.fail_after(5):
-        assert [t async for t in store.read_tokens("a")] == tokens
+        assert await _tokens(store, "a") == tokens
     assert record.token_count == 200
     assert list(record.tokens) == tokens
     assert record.tokens.text is result  # type: ignore[union-attr]  # one copy of the text
@@ -267,7 +272,7 @@ async def test_many_tokens_replay_exactly_when_the_result_differs() -> None:
     await store.append_tokens("a", tokens)
     await store.finish("a", COMPLETED, result="POST-PROCESSED")
     with anyio.fail_after(5):
-        assert [t async for t in store.read_tokens("a")] == tokens
+        assert await _tokens(store, "a") == tokens
     assert record.result == "POST-PROCESSED"
 
 
@@ -276,14 +281,13 @@ async def test_a_live_reader_goes_on_exactly_across_the_compaction() -> None:
     store = _store()
     _create(store, "a")
     await store.append_tokens("a", tokens[:10])
-    reader = store.read_tokens("a")
+    reader = store.read_token_batches("a")
     with anyio.fail_after(5):
-        seen = [await anext(reader) for _ in range(10)]
-        await store.append_tokens("a", tokens[10:])
-        seen.append(await anext(reader))  # reading the list when it is compacted
-        await store.finish("a", COMPLETED, result="".join(tokens))
-        seen += [t async for t in reader]
-    assert seen == tokens
+        seen = list(await anext(reader))
+        await store.append_tokens("a", tokens[10:50])
+        await store.finish("a", COMPLETED, result="".join(tokens[:50]))  # compacts the list
+        seen += [token async for batch in reader for token in batch]
+    assert seen == tokens[:50]
 
 
 # -- retention -----------------------------------------------------------------------------

@@ -305,14 +305,15 @@ class RedisStore:
             await command(pipe.execute())
         record.token_count += len(tokens)
 
-    async def read_tokens(self, request_id: str) -> AsyncIterator[str]:
+    async def read_token_batches(self, request_id: str) -> AsyncIterator[Sequence[str]]:
         record = self._followed.get(request_id) or await self.read(request_id)
         if record is None:
             return
         if not record.stream:
             record = await self.wait(request_id, None)
-            for token in (record.tokens if record is not None else None) or ():
-                yield token
+            tokens = record.tokens if record is not None else None
+            if tokens:
+                yield list(tokens)
             return
         key, last = self.tokens_key(request_id), "0-0"
         while True:
@@ -322,12 +323,18 @@ class RedisStore:
                 if current is None or current.finished_at is not None:
                     return
                 continue
+            batch: list[str] = []
+            ended = False
             for entry_id, fields in answer[0][1]:
                 last = entry_id
                 if b"end" in fields:
-                    return
-                for token in json.loads(fields[b"t"]):
-                    yield token
+                    ended = True
+                    break
+                batch += json.loads(fields[b"t"])
+            if batch:
+                yield batch
+            if ended:
+                return
 
     # -- notifications ---------------------------------------------------------------------
 

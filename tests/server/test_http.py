@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -25,7 +25,7 @@ from orchestrator_server.routes import BadRequest
 from tests.helpers import GateWorker, prompt_for
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import AsyncIterator, Callable, Mapping
 
     from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -329,6 +329,88 @@ async def test_sse_streams_tokens_then_the_result() -> None:
     assert done["status"] == "completed"
     assert done["result"] == "one two three"
     assert done["request_id"] == events[0][1]["request_id"]
+
+
+async def _sse_writes(
+    worker: ModelWorker, prompt: str, on_write: Callable[[bytes], object]
+) -> list[bytes]:
+    """POST ``prompt`` with ``"stream": true`` straight to the app (ASGI, so each write the
+    route makes is seen as it made it) and return the bodies of its writes."""
+    writes: list[bytes] = []
+    body = json.dumps({"prompt": prompt, "stream": True}).encode()
+    scope: dict[str, object] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/v1/infer",
+        "raw_path": b"/api/v1/infer",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+    received = False
+
+    async def receive() -> dict[str, object]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await anyio.sleep_forever()  # the client stays to the end
+        raise AssertionError  # pragma: no cover
+
+    async def send(message: Mapping[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            writes.append(message["body"])
+            on_write(message["body"])
+
+    config = PipelineConfig(template="{input}")
+    async with spawn_pipeline(worker, config) as handles:
+        app = create_app(handles, ServerConfig(access_log=False))
+        async with app.router.lifespan_context(app) as state:
+            await _with_state(app, state)(scope, receive, send)
+    return writes
+
+
+async def test_sse_sends_the_tokens_waiting_together_in_one_write() -> None:
+    prompt = " ".join(f"w{i}" for i in range(100))
+    with anyio.fail_after(10):
+        writes = await _sse_writes(EchoWorker.with_delay(0), prompt, lambda _: None)
+    events = _events(b"".join(writes).decode())
+    assert [data["token"] for name, data in events if name == "token"] == [
+        f" w{i}" if i else "w0" for i in range(100)
+    ]
+    assert events[-1][1]["result"] == prompt
+    assert len(writes) == 3  # the request event, all 100 tokens, the done event
+
+
+async def test_sse_sends_a_lone_token_at_once() -> None:
+    worker = GateWorker(open_=True)
+    worker.token_gates = [asyncio.Event() for _ in range(3)]
+    written = asyncio.Event()
+
+    def on_write(_: bytes) -> None:
+        written.set()
+
+    async def release_one_by_one() -> None:
+        for gate in worker.token_gates or ():
+            await written.wait()  # the previous write went out: the stream is not held
+            written.clear()
+            gate.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_one_by_one)
+            writes = await _sse_writes(worker, "one two three", on_write)
+    tokens = [_events(w.decode()) for w in writes[1:-1]]
+    assert [[data["token"] for _, data in events] for events in tokens] == [
+        ["one"],
+        [" two"],
+        [" three"],
+    ]
 
 
 async def test_sse_reports_a_failure_in_the_final_event() -> None:
