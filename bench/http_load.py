@@ -44,7 +44,13 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # as the example ser
 async def main() -> None:
     access_log = os.environ.get("BENCH_ACCESS_LOG") == "1"
     port = int(sys.argv[1])
-    if os.environ.get("BENCH_POLICIES") == "0":  # no response cache, no dedup, no limiter
+    redis_url = os.environ.get("BENCH_REDIS_URL")
+    if redis_url:  # the policies in Redis: the response cache and the rate limiter
+        config = ServerConfig(
+            host="127.0.0.1", port=port, access_log=False, rate_limit_requests=10**9,
+            redis_url=redis_url,
+        )
+    elif os.environ.get("BENCH_POLICIES") == "0":  # no response cache, no dedup, no limiter
         config = ServerConfig(
             host="127.0.0.1", port=port, access_log=access_log, cache_entries=0, dedup=False
         )
@@ -130,6 +136,7 @@ def parse_wrk(output: str) -> dict[str, float]:
         seconds = float(total.group(2)) / (1000 if total.group(3) == "ms" else 1)
         rps = (int(total.group(1)) - failed) / seconds  # answered 200: shed 503s excluded
     return {
+        "requests": float(total.group(1)) if total else float("nan"),
         "rps": rps,
         "p50_ms": latency_ms("50"),
         "p99_ms": latency_ms("99"),
@@ -142,8 +149,78 @@ def pin(core: int, args: argparse.Namespace) -> list[str]:
     return ["taskset", "-c", str(core)] if args.pin else []
 
 
+class ThrowawayRedis:
+    """A ``redis-server`` of our own on a free port (nothing kept), pinned beside wrk."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                *pin(1, args),
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--bind",
+                "127.0.0.1",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while self.reads() is None:  # another process: polling is the only signal
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def reads(self) -> int | None:
+        """Redis's ``total_reads_processed``: the reads of client input, one per round
+        trip of a client (a pipeline arrives in one read)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"INFO stats\r\n")
+                data = b""
+                while b"total_reads_processed" not in data or not data.endswith(b"\r\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+        except OSError:
+            return None
+        match = re.search(rb"total_reads_processed:(\d+)", data)
+        return int(match.group(1)) if match else None
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
 def run(
     source: str, lua: Path, args: argparse.Namespace, env: dict[str, str] | None = None
+) -> dict[str, float]:
+    redis = ThrowawayRedis(args) if (env or {}).get("BENCH_REDIS_URL") == "throwaway" else None
+    if redis is not None:
+        env = {**(env or {}), "BENCH_REDIS_URL": redis.url}
+    try:
+        result = _run(source, lua, args, env, redis)
+    finally:
+        if redis is not None:
+            redis.close()
+    return result
+
+
+def _run(
+    source: str,
+    lua: Path,
+    args: argparse.Namespace,
+    env: dict[str, str] | None,
+    redis: ThrowawayRedis | None,
 ) -> dict[str, float]:
     port = free_port()
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
@@ -167,8 +244,14 @@ def run(
             str(lua),
             f"http://127.0.0.1:{port}/api/v1/infer",
         ]
+        before = redis.reads() if redis is not None else None
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        return parse_wrk(output)
+        result = parse_wrk(output)
+        if redis is not None and before is not None:
+            after = redis.reads()
+            assert after is not None
+            result["redis_reads_per_request"] = (after - before - 1) / result["requests"]
+        return result
     finally:
         process.terminate()
         process.wait(30)
@@ -182,6 +265,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--redis", action="store_true", help="also the server with its policies in Redis"
+    )
     parser.add_argument(
         "--no-pin", dest="pin", action="store_false", help="do not pin server and wrk to cores"
     )
@@ -198,6 +284,10 @@ def main() -> None:
         "plain": (SERVER, {"BENCH_POLICIES": "0"}),
         "logged": (SERVER, {"BENCH_ACCESS_LOG": "1"}),
     }
+    if args.redis:
+        if shutil.which("redis-server") is None:
+            sys.exit("--redis needs redis-server: apt-get install -y redis-server")
+        variants["redis"] = (SERVER, {"BENCH_REDIS_URL": "throwaway"})
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     try:
         for _ in range(args.rounds):
@@ -218,8 +308,11 @@ def main() -> None:
         ("server", "example server"),
         ("plain", "  no cache, no dedup"),
         ("logged", "  + access log"),
+        ("redis", "  policies in Redis"),
     )
     for name, label in labels:
+        if name not in summary:
+            continue
         s = summary[name]
         runs = ", ".join(f"{r['rps']:,.0f}" for r in results[name])
         print(
@@ -227,6 +320,13 @@ def main() -> None:
             f"p99 {s['p99_ms']:.2f} ms  non-2xx {s['non_2xx']:.0f}  (runs: {runs})"
         )
     print(f"{'ratio':<20}: {ratio:.0%} of the bare app's rate (200 responses per second)")
+    if "redis" in summary:
+        redis = summary["redis"]
+        print(
+            f"{'Redis / memory':<20}: {redis['rps'] / summary['server']['rps']:.0%} of the "
+            f"memory policies' rate; {redis['redis_reads_per_request']:.2f} Redis round "
+            "trips per request (Redis's total_reads_processed)"
+        )
 
 
 if __name__ == "__main__":

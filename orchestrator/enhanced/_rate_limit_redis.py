@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Final, cast, final
 
 from orchestrator.enhanced._rate_limit_local import BucketMath
 from orchestrator.enhanced._rate_types import RateDecision
 from orchestrator.enhanced._redis import DOWN, RedisClientOwner
+from orchestrator.enhanced._redis_batch import batcher_for
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -75,8 +77,13 @@ class RedisBuckets(BucketMath, RedisClientOwner):
         self._fail_open = fail_open
         self._outage = outage
         self._closed = False
-        # EVALSHA, loading the script again on NOSCRIPT (after a server restart).
-        self._script = client.register_script(_LUA)
+        # EVALSHA in the batch of concurrent calls, loading the script on NOSCRIPT (the
+        # first call, and after a server restart).
+        self._batch = batcher_for(client)
+        self._sha = hashlib.sha1(_LUA.encode()).hexdigest()
+        from redis.exceptions import NoScriptError  # installed: the client is redis-py's
+
+        self._no_script = NoScriptError
 
     def tracked(self) -> None:
         return None
@@ -99,12 +106,18 @@ class RedisBuckets(BucketMath, RedisClientOwner):
         """``(True, the script's reply)``, or ``(False, None)`` when Redis is unreachable."""
         if self._closed:
             raise RuntimeError("the rate limiter is closed")
-        reply = await self._outage.call(
-            self._script, keys=[self._prefix + session], args=[self.limit, self._window_ms, take]
-        )
+        reply = await self._outage.call(self._run, self._prefix + session, take)
         if reply is DOWN:
             return False, None
         return True, reply
+
+    async def _run(self, key: str, take: int) -> object:
+        command = ("EVALSHA", self._sha, 1, key, self.limit, self._window_ms, take)
+        try:
+            return await self._batch.execute(*command)
+        except self._no_script:
+            await self._client.script_load(_LUA)
+            return await self._batch.execute(*command)
 
     async def take(self, session: str) -> bool:
         return (await self.decide(session)).allowed

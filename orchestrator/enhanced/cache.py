@@ -26,7 +26,7 @@ import itertools
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Final, ParamSpec, Protocol, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar, final
 
 import attrs
 import cachetools
@@ -39,8 +39,10 @@ from orchestrator.enhanced._redis import (
     RedisClientOwner,
     client_for,
 )
+from orchestrator.enhanced._redis_batch import batcher_for
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Awaitable, Callable
     from types import TracebackType
     from typing import Self
@@ -335,26 +337,42 @@ class CacheLayer:
             self._failed(exc)
 
     def set_nowait(self, key: str, value: str, ttl_seconds: float | None = None) -> bool:
-        """``set`` without awaiting, when the backend lives in this process.
+        """``set`` without awaiting, when that can be done.
 
-        The pipeline stores each result this way when it can: no task, no loop turn.
+        In memory it stores at once. On Redis it queues the store behind the batch of
+        commands in flight to the same client (see docs/cache.md): it is sent with the
+        next batch, before any command this process queues after it, so a lookup from
+        here that follows finds it; its failure is counted as ``set``'s would be. The
+        pipeline stores each result this way when it can: no task, no loop turn.
 
         Returns:
-            ``True`` if stored; ``False`` (nothing done) for a remote backend, which needs
-            ``await set(...)``.
+            ``True`` if stored (or queued); ``False``, nothing done, when it needs
+            ``await set(...)``: on Redis with no batch in flight, or during an outage.
 
         Raises:
             ValueError: ``ttl_seconds`` is not > 0 and finite.
             RuntimeError: The cache is closed.
         """
         backend = self._backend
-        if not isinstance(backend, _MemoryBackend):
-            return False
         _check_ttl(ttl_seconds)
         if self._closed:
             raise RuntimeError("the cache is closed")
-        backend.store(key, value, self.default_ttl if ttl_seconds is None else ttl_seconds)
+        ttl = self.default_ttl if ttl_seconds is None else ttl_seconds
+        if isinstance(backend, _MemoryBackend):
+            backend.store(key, value, ttl)
+            return True
+        if self._outage.down or not isinstance(backend, _RedisBackend):
+            return False
+        reply = backend.store_behind(key, value, ttl)
+        if reply is None:
+            return False
+        reply.add_done_callback(self._stored_behind)
         return True
+
+    def _stored_behind(self, reply: asyncio.Future[Any]) -> None:
+        exc = None if reply.cancelled() else reply.exception()
+        if isinstance(exc, Exception):
+            self._failed(exc)
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` if present; skipped (and counted) while the backend is down.
@@ -481,7 +499,7 @@ class _MemoryBackend:
 class _RedisBackend(RedisClientOwner):
     """Entries as Redis strings under ``prefix + key``, expired by Redis (``PX``)."""
 
-    __slots__ = ("_client", "_closed", "_owned", "_prefix", "suspect_after")
+    __slots__ = ("_batch", "_client", "_closed", "_owned", "_prefix", "suspect_after")
 
     name: Final = "redis"
     _unclosed_warning = (
@@ -490,23 +508,35 @@ class _RedisBackend(RedisClientOwner):
 
     def __init__(self, client: Redis, prefix: str, *, owned: bool, suspect_after: float) -> None:
         self._client = client
+        self._batch = batcher_for(client)  # commands of concurrent calls: one round trip
         self._prefix = prefix
         self._owned = owned
         self._closed = False
         self.suspect_after = suspect_after  # read by the cache's Outage
 
     async def get(self, key: str) -> str | None:
-        raw: bytes | str | None = await self._client.get(self._prefix + key)
+        raw: bytes | str | None = await self._batch.execute("GET", self._prefix + key)
         if raw is None or isinstance(raw, str):  # a borrowed client may decode for us
             return raw
         return raw.decode("utf-8", "surrogatepass")
 
+    def store_behind(
+        self, key: str, value: str, ttl_seconds: float | None
+    ) -> asyncio.Future[Any] | None:
+        """``set`` queued behind the batch in flight, or ``None`` when there is none."""
+        return self._batch.send_detached(*self._set_command(key, value, ttl_seconds))
+
+    def _set_command(self, key: str, value: str, ttl_seconds: float | None) -> tuple[Any, ...]:
+        data = value.encode("utf-8", "surrogatepass")
+        if ttl_seconds is None:
+            return ("SET", self._prefix + key, data)
+        return ("SET", self._prefix + key, data, "PX", max(1, round(ttl_seconds * 1000)))
+
     async def set(self, key: str, value: str, ttl_seconds: float | None) -> None:
-        px = None if ttl_seconds is None else max(1, round(ttl_seconds * 1000))
-        await self._client.set(self._prefix + key, value.encode("utf-8", "surrogatepass"), px=px)
+        await self._batch.execute(*self._set_command(key, value, ttl_seconds))
 
     async def delete(self, key: str) -> None:
-        await self._client.delete(self._prefix + key)
+        await self._batch.execute("DEL", self._prefix + key)
 
     def entries(self) -> None:
         return None  # counting our keys means a SCAN of the whole keyspace

@@ -250,10 +250,22 @@ async def test_memory_evicts_the_least_recently_used(clock: FakeClock) -> None:
     assert cache.stats().entries == 2
 
 
-async def test_set_nowait_stores_only_in_a_local_backend(case: Case) -> None:
+async def test_set_nowait_stores_in_memory_and_on_redis_only_behind_a_batch(case: Case) -> None:
     stored = case.cache.set_nowait("k", "v", 60)
-    assert stored is (case.cache.backend == "memory")
+    assert stored is (case.cache.backend == "memory")  # no Redis batch in flight: not queued
     assert await case.cache.get("k") == ("v" if stored else None)
+
+
+async def test_set_nowait_on_redis_rides_the_batch_in_flight_and_a_later_get_sees_it(
+    redis_url: str,
+) -> None:
+    async with await CacheLayer.new_redis(redis_url, prefix="behind:") as cache:
+        lookup = asyncio.create_task(cache.get("other"))
+        await asyncio.sleep(0)  # one turn: the lookup leads a batch, in flight from now
+        assert cache.set_nowait("k", "behind", 60)
+        assert await cache.get("k") == "behind"  # queued after the store: runs after it
+        assert await lookup is None
+        await cache.delete("k")
 
 
 async def test_set_nowait_checks_its_ttl(clock: FakeClock) -> None:

@@ -1,0 +1,105 @@
+"""CommandBatcher: the commands of concurrent callers in one pipeline, over a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from orchestrator.enhanced._redis_batch import CommandBatcher, batcher_for
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+        await client.delete("batch:text", "batch:k", "batch:behind")
+    finally:
+        await client.aclose()
+
+
+async def test_the_calls_of_one_loop_turn_share_one_round_trip(client: Redis) -> None:
+    batcher = CommandBatcher(client)
+    replies = await asyncio.gather(*(batcher.execute("ECHO", f"m{i}") for i in range(50)))
+    assert replies == [f"m{i}".encode() for i in range(50)]
+    assert (batcher.round_trips, batcher.commands) == (1, 50)
+    # What queues while a batch is in flight goes in the next one, not one trip each.
+    first = asyncio.create_task(batcher.execute("ECHO", "lead"))
+    await anyio.wait_all_tasks_blocked()  # its batch is on the wire
+    later = [asyncio.create_task(batcher.execute("ECHO", f"n{i}")) for i in range(20)]
+    assert await first == b"lead"
+    assert await asyncio.gather(*later) == [f"n{i}".encode() for i in range(20)]
+    assert batcher.round_trips == 3
+
+
+async def test_a_command_that_fails_fails_only_its_caller(client: Redis) -> None:
+    batcher = CommandBatcher(client)
+    await client.set("batch:text", "not a number")
+    results: list[object] = await asyncio.gather(
+        batcher.execute("ECHO", "fine"),
+        batcher.execute("INCR", "batch:text"),
+        return_exceptions=True,
+    )
+    assert results[0] == b"fine"
+    assert isinstance(results[1], ResponseError)
+    assert batcher.round_trips == 1
+
+
+async def test_a_leader_cancelled_in_flight_hands_its_batch_on(client: Redis) -> None:
+    batcher = CommandBatcher(client)
+    leader = asyncio.create_task(batcher.execute("BLPOP", "batch:never", "5"))  # blocks Redis
+    follower = asyncio.create_task(batcher.execute("SET", "batch:k", "v"))
+    await anyio.wait_all_tasks_blocked()  # one batch in flight, both commands in it
+    assert batcher.round_trips == 1
+    leader.cancel()
+    with anyio.fail_after(3):  # not the 5 s of the BLPOP: sent again at once
+        assert await follower is True
+    assert leader.cancelled()
+    assert await client.get("batch:k") == b"v"
+    assert batcher.round_trips == 2
+    assert await batcher.execute("ECHO", "after") == b"after"  # the lead went on
+
+
+async def test_a_follower_cancelled_while_waiting_leaves_the_rest_alone(client: Redis) -> None:
+    batcher = CommandBatcher(client)
+    leader = asyncio.create_task(batcher.execute("BLPOP", "batch:never", "0.1"))  # in flight
+    await anyio.wait_all_tasks_blocked()
+    gone = asyncio.create_task(batcher.execute("ECHO", "gone"))
+    stays = asyncio.create_task(batcher.execute("ECHO", "stays"))
+    await anyio.wait_all_tasks_blocked()
+    gone.cancel()
+    assert await leader is None  # the BLPOP timed out
+    assert await stays == b"stays"
+    assert gone.cancelled()
+
+
+async def test_a_detached_command_rides_the_batch_in_flight_in_order(client: Redis) -> None:
+    batcher = CommandBatcher(client)
+    assert batcher.send_detached("SET", "batch:behind", "x") is None  # nothing in flight
+    leader = asyncio.create_task(batcher.execute("BLPOP", "batch:never", "0.1"))  # in flight
+    await anyio.wait_all_tasks_blocked()
+    reply = batcher.send_detached("SET", "batch:behind", "y")
+    assert reply is not None
+    assert await leader is None
+    assert await reply is True  # with nobody else waiting, the leader sent it after its own
+    assert batcher.round_trips == 2
+    assert await batcher.execute("GET", "batch:behind") == b"y"
+
+
+async def test_clients_have_one_batcher_each(client: Redis, redis_url: str) -> None:
+    other = Redis.from_url(redis_url)
+    try:
+        assert batcher_for(client) is batcher_for(client)
+        assert batcher_for(client) is not batcher_for(other)
+    finally:
+        await other.aclose()
