@@ -46,6 +46,13 @@ BENCHMARKS = [
 
 
 @nox.session(python=PYTHON)
+def soak(session: nox.Session) -> None:
+    """Memory at scale and over a 10-minute run (``nox -s soak -- --minutes 1`` for less)."""
+    session.install("-e", ".[dev]")
+    session.run("python", "bench/soak.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Run the benchmarks (``nox -s bench -- bench/http_load.py`` runs just one)."""
     session.install("-e", ".[dev]")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import gc
 import json
 import os
@@ -75,14 +76,18 @@ asyncio.run(main(int(sys.argv[1])))
 
 # The example server's script, with a worker that never answers (long-polls and sockets
 # stay open) and room to queue what they submit.
-HELD = SERVER.replace(
-    "EchoWorker.with_delay(0)",
-    "EchoWorker.with_delay(3600)",
-).replace(
-    "pipeline = await build_pipeline_config(config, stack)",
-    "pipeline = attrs.evolve(await build_pipeline_config(config, stack), rag_capacity=20000,"
-    " assemble_capacity=20000, inference_capacity=20000)",
-).replace("import asyncio,", "import attrs, asyncio,")
+HELD = (
+    SERVER.replace(
+        "EchoWorker.with_delay(0)",
+        "EchoWorker.with_delay(3600)",
+    )
+    .replace(
+        "pipeline = await build_pipeline_config(config, stack)",
+        "pipeline = attrs.evolve(await build_pipeline_config(config, stack), rag_capacity=20000,"
+        " assemble_capacity=20000, inference_capacity=20000)",
+    )
+    .replace("import asyncio,", "import attrs, asyncio,")
+)
 assert "with_delay(3600)" in HELD
 assert "attrs.evolve" in HELD
 
@@ -215,18 +220,24 @@ def steady(args: argparse.Namespace) -> list[tuple[float, int]]:
     try:
         seconds = int(args.minutes * 60)
         wrk = subprocess.Popen(
-            [*pin(1, args), "wrk", "-t1", "-c16", f"-d{seconds}s", "-s", lua.name,
-             f"http://127.0.0.1:{port}/api/v1/infer"],
+            [
+                *pin(1, args),
+                "wrk",
+                "-t1",
+                "-c16",
+                f"-d{seconds}s",
+                "-s",
+                lua.name,
+                f"http://127.0.0.1:{port}/api/v1/infer",
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
         start_at = time.monotonic()
         while wrk.poll() is None:
             samples.append((time.monotonic() - start_at, rss(process.pid)))
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 wrk.wait(args.every)
-            except subprocess.TimeoutExpired:
-                pass
         output = wrk.stdout.read() if wrk.stdout else ""
         rate = [line for line in output.splitlines() if line.startswith("Requests/sec")]
         print(f"  steady traffic: {rate[0] if rate else output}")
