@@ -42,6 +42,7 @@ BENCHMARKS = [
     "bench/reliability_primitives.py",
     "bench/http_load.py",  # needs wrk (apt-get install wrk)
     "bench/stream_load.py",  # needs wrk
+    "bench/roundtrip_load.py",  # needs wrk
 ]
 
 

@@ -301,3 +301,22 @@ async def test_a_real_worker_gets_the_users_prompt_as_is(worker_env: pytest.Monk
     assert result["result"] == "".join(TOKENS)
     [call] = fake.requests
     assert json.loads(call.body)["messages"] == [{"role": "user", "content": prompt}]
+
+
+async def test_start_server_freezes_what_lives_at_startup_before_it_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    from orchestrator_server import app as app_module
+
+    events: list[str] = []
+
+    class Server:
+        async def serve(self, sockets: object = None) -> None:
+            events.append("serve")
+
+    monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))  # not this process's
+    monkeypatch.setattr(app_module, "build_server", lambda app, settings: Server())
+    await app_module.start_server(ServerConfig(access_log=False))
+    assert events == ["freeze", "serve"]
