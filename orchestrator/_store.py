@@ -58,6 +58,10 @@ class _TokenLog:
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self._ends)))
 
+    def tail(self, start: int) -> list[str]:
+        """The tokens from ``start`` on."""
+        return [self[i] for i in range(start, len(self._ends))]
+
     def __getitem__(self, index: int) -> str:
         start = self._ends[index - 1] if index else 0
         return self.text[start : self._ends[index]]
@@ -93,7 +97,9 @@ class Record:
         self.error: BaseException | None = None
         self.created_at = time.time()
         self.finished_at: float | None = None
-        self.tokens: list[str] | _TokenLog = []
+        # A list while it grows; finished, a tuple (of str only, so the cyclic GC stops
+        # tracking it) or, past _COMPACT_AFTER tokens, one string.
+        self.tokens: list[str] | tuple[str, ...] | _TokenLog = []
         self.done_waiters: Waiters | None = None
         self.token_waiters: Waiters | None = None
 
@@ -230,6 +236,8 @@ class MemoryStore:
         tokens = record.tokens
         if len(tokens) > _COMPACT_AFTER:
             record.tokens = _TokenLog(tokens, result)  # type: ignore[arg-type]
+        else:
+            record.tokens = tuple(tokens)
         waiters = record.done_waiters
         if waiters is not None:
             waiters.wake_all()
@@ -295,7 +303,7 @@ class MemoryStore:
             n = len(tokens)
             if i < n:
                 # A copy of the growing list, or the tail of its compacted form.
-                batch = tokens[i:] if type(tokens) is list else [tokens[j] for j in range(i, n)]
+                batch = tokens[i:] if type(tokens) is not _TokenLog else tokens.tail(i)
                 i = n
                 yield batch
                 continue  # more may have come, or the record finished, meanwhile
