@@ -9,7 +9,9 @@ first request of a connection. Here:
   seconds of the connection opening, or of its first byte after a keep-alive pause: a
   silent or slowloris connection is answered 408 and closed;
 - at most ``max_connections`` connections are open at once; one more is answered 503
-  (JSON, ``Retry-After``) and closed, so descriptors stay free for the ones served.
+  (JSON, ``Retry-After``) and closed, so descriptors stay free for the ones served;
+- a connection upgraded to a WebSocket writes through a ``CoalescingTransport``: the frames
+  written in one event-loop turn leave in one write.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
+from orchestrator_server._coalesce import CoalescingTransport
 from orchestrator_server._request_ids import next_request_id
 
 if TYPE_CHECKING:
@@ -106,6 +109,10 @@ class _EdgeMixin:
         super().on_response_complete()  # type: ignore[misc]
         self._awaiting_head = True  # the next request's head is timed from its first byte
 
+    def _coalesce_writes(self) -> None:
+        """From the upgrade on, the WebSocket's frames of one loop turn leave together."""
+        self.transport = cast("asyncio.Transport", CoalescingTransport(self.transport, self.loop))
+
     def _head_done(self) -> None:
         self._awaiting_head = False
         self._cancel_head_timer()
@@ -157,6 +164,10 @@ def edge_protocol(
                     self._head_done()
                     super().on_headers_complete()
 
+                def handle_websocket_upgrade(self) -> None:
+                    self._coalesce_writes()
+                    super().handle_websocket_upgrade()
+
             base = EdgeHttpTools
             return _configured(base, header_timeout, max_connections)
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -170,6 +181,7 @@ def edge_protocol(
 
         def handle_websocket_upgrade(self, event: Any) -> None:
             self._head_done()
+            self._coalesce_writes()
             super().handle_websocket_upgrade(event)
 
     return _configured(EdgeH11, header_timeout, max_connections)

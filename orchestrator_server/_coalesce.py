@@ -1,0 +1,69 @@
+"""A transport whose writes of one event-loop turn leave in one write. Private.
+
+A WebSocket relaying a batch of tokens sends one frame per token (the frame shape is one
+token each), and each frame was a ``write`` of its own on the socket: a system call per
+token. Behind this transport the frames of one turn still are frames of their own, but
+they leave together, in one call, at the end of the turn they were written in, so a lone
+frame waits for nothing but the rest of its turn. Everything else (flow control, extra
+info, closing) is the socket's transport's: ``close`` and ``write_eof`` send what is
+buffered first, ``abort`` drops it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, final
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Iterable
+
+__all__ = ["CoalescingTransport"]
+
+
+@final
+class CoalescingTransport:
+    """Wraps ``transport``; see the module docstring."""
+
+    __slots__ = ("_buffer", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._buffer: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        buffer = self._buffer
+        buffer.append(data if type(data) is bytes else bytes(data))
+        if len(buffer) == 1:  # the turn's first: it flushes at the end of the turn
+            self._loop.call_soon(self._flush)
+
+    def writelines(self, lines: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in lines:
+            self.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._buffer))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._buffer.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:  # the rest is the transport's own
+        return getattr(self._transport, name)
+
+    def _flush(self) -> None:
+        buffer = self._buffer
+        if not buffer:
+            return
+        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        buffer.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
