@@ -10,8 +10,8 @@ first request of a connection. Here:
   silent or slowloris connection is answered 408 and closed;
 - at most ``max_connections`` connections are open at once; one more is answered 503
   (JSON, ``Retry-After``) and closed, so descriptors stay free for the ones served;
-- a connection upgraded to a WebSocket writes through a ``CoalescingTransport``: the frames
-  written in one event-loop turn leave in one write.
+- a connection writes through a ``CoalescingTransport``: what is written to it in one
+  event-loop turn leaves in one write (a response's head and body, a WebSocket's frames).
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class _EdgeMixin:
             )
             transport.close()
             return
-        super().connection_made(transport)  # type: ignore[misc]
+        coalescing = cast("asyncio.Transport", CoalescingTransport(transport, self.loop))
+        super().connection_made(coalescing)  # type: ignore[misc]
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -108,10 +109,6 @@ class _EdgeMixin:
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
         self._awaiting_head = True  # the next request's head is timed from its first byte
-
-    def _coalesce_writes(self) -> None:
-        """From the upgrade on, the WebSocket's frames of one loop turn leave together."""
-        self.transport = cast("asyncio.Transport", CoalescingTransport(self.transport, self.loop))
 
     def _head_done(self) -> None:
         self._awaiting_head = False
@@ -164,10 +161,6 @@ def edge_protocol(
                     self._head_done()
                     super().on_headers_complete()
 
-                def handle_websocket_upgrade(self) -> None:
-                    self._coalesce_writes()
-                    super().handle_websocket_upgrade()
-
             base = EdgeHttpTools
             return _configured(base, header_timeout, max_connections)
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -181,7 +174,6 @@ def edge_protocol(
 
         def handle_websocket_upgrade(self, event: Any) -> None:
             self._head_done()
-            self._coalesce_writes()
             super().handle_websocket_upgrade(event)
 
     return _configured(EdgeH11, header_timeout, max_connections)
