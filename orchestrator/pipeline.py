@@ -165,13 +165,19 @@ class PipelineHandles:
         key: str | None = None
         decision: RateDecision | None = None
         if self._policies:
-            limiter = self._limiter
+            limiter, cache = self._limiter, self._cache
+            pending = None
             if limiter is not None:
+                if cache is not None:  # on Redis its GET rides the limiter's round trip
+                    key, pending = cache.lookup_soon(request)
                 decision = await limiter.decide(request.session)
                 if not decision.allowed:
                     raise _rate_limited(request, decision)
-            if self._cache is not None:
-                key, cached = await self._cache.lookup(request)
+            if cache is not None:
+                if pending is None:
+                    key, cached = await cache.lookup(request)
+                else:
+                    cached = await pending()
                 if cached is not None:
                     if shared is not None:
                         record = await shared.completed(request, cached)

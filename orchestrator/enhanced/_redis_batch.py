@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["CommandBatcher", "batcher_for"]
+__all__ = ["CommandBatcher", "Queued", "batcher_for"]
 
 _LEAD: Final = object()  # a follower's reply that makes it the next leader
 
@@ -67,21 +67,18 @@ class CommandBatcher:
         """
         entry = _Entry(command, asyncio.get_running_loop().create_future())
         self._queue.append(entry)
-        if not self._busy:
-            self._busy = True
-            await self._lead(entry, fresh=True)
-            return entry.future.result()
-        try:
-            reply = await entry.future
-        except asyncio.CancelledError:
-            future = entry.future
-            if future.done() and not future.cancelled() and future.result() is _LEAD:
-                self._hand_off()  # made leader, then cancelled before it could lead
-            raise
-        if reply is _LEAD:
-            await self._lead(entry, fresh=False)
-            return entry.future.result()
-        return reply
+        return await self._reply(entry)
+
+    def enqueue(self, *command: Any) -> Queued:
+        """Queue ``command`` now, to await its reply later (``await queued.reply()``):
+        a call that will send a command of its own next (a rate-limit check) takes this one
+        in its batch. Never awaited, it is still sent, with some later batch.
+        """
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)  # a reply nobody reads must not warn
+        entry = _Entry(command, future, detached=True)
+        self._queue.append(entry)
+        return Queued(self, entry)
 
     def send_detached(self, *command: Any) -> asyncio.Future[Any] | None:
         """Queue ``command`` behind the batch in flight without waiting for its reply: the
@@ -97,6 +94,27 @@ class CommandBatcher:
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(command, future, detached=True))
         return future
+
+    async def _reply(self, entry: _Entry) -> Any:
+        """Wait for a queued entry's reply, leading its batch if nobody leads."""
+        future = entry.future
+        if future.done():
+            return future.result()
+        entry.detached = False  # awaited from here: it may be handed the lead
+        if not self._busy:
+            self._busy = True
+            await self._lead(entry, fresh=True)
+            return entry.future.result()
+        try:
+            reply = await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.result() is _LEAD:
+                self._hand_off()  # made leader, then cancelled before it could lead
+            raise
+        if reply is _LEAD:
+            await self._lead(entry, fresh=False)
+            return entry.future.result()
+        return reply
 
     async def _lead(self, own: _Entry, *, fresh: bool) -> None:
         """Send the queued commands (``own``'s among them), then pass the lead on."""
@@ -161,6 +179,30 @@ class CommandBatcher:
         self.commands += len(batch)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
+
+
+@final
+class Queued:
+    """A command queued by ``CommandBatcher.enqueue``; ``await reply()`` for its reply."""
+
+    __slots__ = ("_batcher", "_entry")
+
+    def __init__(self, batcher: CommandBatcher, entry: _Entry) -> None:
+        self._batcher = batcher
+        self._entry = entry
+
+    async def reply(self) -> Any:
+        """The command's reply (sending its batch now if no call leads one).
+
+        Raises:
+            The command's own error, or the connection's.
+        """
+        return await self._batcher._reply(self._entry)  # noqa: SLF001  # one module's
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 _BATCHERS: Final[weakref.WeakKeyDictionary[Redis, CommandBatcher]] = weakref.WeakKeyDictionary()

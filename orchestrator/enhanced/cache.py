@@ -21,6 +21,7 @@ cache recovers by itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -39,7 +40,7 @@ from orchestrator.enhanced._redis import (
     RedisClientOwner,
     client_for,
 )
-from orchestrator.enhanced._redis_batch import batcher_for
+from orchestrator.enhanced._redis_batch import Queued, batcher_for
 
 if TYPE_CHECKING:
     import asyncio
@@ -305,6 +306,31 @@ class CacheLayer:
             if answer is DOWN:
                 return None
             value = answer
+        return self._counted(value)
+
+    def get_soon(self, key: str) -> Callable[[], Awaitable[str | None]]:
+        """``get(key)`` in two steps: on Redis its command is queued now, so that the next
+        command sent to the same client (a Redis rate-limit check) carries it in the same
+        round trip; the returned function awaits the answer. Calling it is optional: a
+        lookup nobody reads costs a queued ``GET``, nothing else.
+
+        Raises:
+            RuntimeError: The cache is closed (here, or when the answer is awaited).
+        """
+        backend = self._backend
+        if self._closed:
+            raise RuntimeError("the cache is closed")
+        if not isinstance(backend, _RedisBackend) or self._outage.down:
+            return functools.partial(self.get, key)
+        return functools.partial(self._answer_of, backend.enqueue_get(key))
+
+    async def _answer_of(self, queued: Queued) -> str | None:
+        answer = await self._guarded(queued.reply)
+        if answer is DOWN:
+            return None
+        return self._counted(_RedisBackend.decode(answer))
+
+    def _counted(self, value: str | None) -> str | None:
         if value is None:
             self._misses += 1
             self._miss_cell.inc()
@@ -515,7 +541,14 @@ class _RedisBackend(RedisClientOwner):
         self.suspect_after = suspect_after  # read by the cache's Outage
 
     async def get(self, key: str) -> str | None:
-        raw: bytes | str | None = await self._batch.execute("GET", self._prefix + key)
+        return self.decode(await self._batch.execute("GET", self._prefix + key))
+
+    def enqueue_get(self, key: str) -> Queued:
+        """``get``'s command, queued now; ``decode(await queued.reply())`` later."""
+        return self._batch.enqueue("GET", self._prefix + key)
+
+    @staticmethod
+    def decode(raw: bytes | str | None) -> str | None:
         if raw is None or isinstance(raw, str):  # a borrowed client may decode for us
             return raw
         return raw.decode("utf-8", "surrogatepass")
@@ -602,6 +635,14 @@ class CachePolicy:
             if kept:  # each key and value a part of its own: {"a": "b=c"} != {"a=b": "c"}
                 return cache_key(request.input, self.scope, *itertools.chain(*kept))
         return cache_key(request.input, self.scope)
+
+    def lookup_soon(
+        self, request: PromptRequest
+    ) -> tuple[str, Callable[[], Awaitable[str | None]]]:
+        """``lookup`` in two steps (see ``CacheLayer.get_soon``): the key, and the function
+        that awaits its stored answer."""
+        key = self.key(request)
+        return key, self.cache.get_soon(key)
 
     async def lookup(self, request: PromptRequest) -> tuple[str, str | None]:
         """``request``'s key and its stored answer (``None``: a miss, or the cache is

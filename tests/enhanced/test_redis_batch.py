@@ -10,6 +10,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from orchestrator import EchoWorker, PipelineConfig, PromptRequest, RequestStatus, spawn_pipeline
+from orchestrator.enhanced import CacheLayer, RateLimiter, connect_redis
 from orchestrator.enhanced._redis_batch import CommandBatcher, batcher_for
 
 if TYPE_CHECKING:
@@ -103,3 +105,45 @@ async def test_clients_have_one_batcher_each(client: Redis, redis_url: str) -> N
         assert batcher_for(client) is not batcher_for(other)
     finally:
         await other.aclose()
+
+
+async def test_a_queued_command_rides_the_next_call_or_leads_when_awaited(client: Redis) -> None:
+    batcher = CommandBatcher(client)
+    queued = batcher.enqueue("ECHO", "early")  # nothing sent yet
+    assert batcher.round_trips == 0
+    assert await batcher.execute("ECHO", "next") == b"next"  # carries the queued one
+    assert (batcher.round_trips, batcher.commands) == (1, 2)
+    assert await queued.reply() == b"early"  # already answered: no round trip
+    alone = batcher.enqueue("ECHO", "alone")
+    assert await alone.reply() == b"alone"  # nobody led: awaiting it sends it
+    assert batcher.round_trips == 2
+    await client.set("batch:text", "not a number")
+    unread = batcher.enqueue("INCR", "batch:text")  # fails, and nobody ever reads it
+    assert await batcher.execute("ECHO", "after") == b"after"
+    assert unread is not None  # its error was taken by the batcher: no "never retrieved"
+
+
+async def test_a_requests_rate_limit_check_and_cache_lookup_share_one_round_trip(
+    redis_url: str,
+) -> None:
+    client = await connect_redis(redis_url)
+    try:
+        async with (
+            await CacheLayer.new_redis(client=client, prefix="batch-admit:") as cache,
+            await RateLimiter.new_redis(None, 1000, 60, client=client, prefix="batch-rl:") as rl,
+        ):
+            config = PipelineConfig(cache=cache, rate_limiter=rl, template="{input}")
+            async with spawn_pipeline(EchoWorker.with_delay(0), config) as handles:
+                assert await handles.infer("first", "s") == "first"  # loads the script
+                batcher = batcher_for(client)
+                trips, commands = batcher.round_trips, batcher.commands
+                ticket = await handles.submit(PromptRequest("s", "second"))
+                assert (batcher.round_trips - trips, batcher.commands - commands) == (1, 2)
+                assert await ticket.result() == "second"
+                again = await handles.submit(PromptRequest("s", "second"))
+                assert again.status is RequestStatus.COMPLETED  # stored, then found
+        keys = [key async for key in client.scan_iter(match="batch-*")]
+        if keys:  # leave nothing behind on a shared server
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
