@@ -170,14 +170,19 @@ class PipelineHandles:
             if limiter is not None:
                 if cache is not None:  # on Redis its GET rides the limiter's round trip
                     key, pending = cache.lookup_soon(request)
-                decision = await limiter.decide(request.session)
-                if not decision.allowed:
-                    raise _rate_limited(request, decision)
+                try:
+                    decision = await limiter.decide(request.session)
+                    if not decision.allowed:
+                        raise _rate_limited(request, decision)
+                except BaseException:
+                    if pending is not None:
+                        pending.discard()  # refused: the lookup is not sent
+                    raise
             if cache is not None:
                 if pending is None:
                     key, cached = await cache.lookup(request)
                 else:
-                    cached = await pending()
+                    cached = await pending.answer()
                 if cached is not None:
                     if shared is not None:
                         record = await shared.completed(request, cached)

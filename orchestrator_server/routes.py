@@ -353,12 +353,15 @@ async def _result(scope: Scope, receive: Receive, send: Send) -> None:
             return
         timeout = min(timeout, limit)
     drain: Drain = scope["state"]["drain"]
-    if not ticket.done() and timeout > 0:
+    if not ticket.done() and timeout > 0 and not drain.over:
         # Most requests finish within moments: wait that long without watching the client
         # (a task group of two watchers costs more than the rest of the GET), then watch.
-        quick = min(timeout, _UNWATCHED)
-        if not await ticket.wait(quick) and timeout > quick and not drain.over:
-            await _wait_while_connected(ticket, timeout - quick, receive, drain)
+        clock = anyio.current_time
+        deadline = clock() + timeout
+        if not await ticket.wait(min(timeout, _UNWATCHED)) and not drain.over:
+            left = deadline - clock()
+            if left > 0:
+                await _wait_while_connected(ticket, left, receive, drain)
     if not ticket.done() and drain.over:
         body = ticket_body(ticket)
         body["error"] = "the server is shutting down before the request finished: ask again"

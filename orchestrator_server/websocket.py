@@ -84,19 +84,22 @@ class _Connection:
 
     async def sender(self) -> None:
         """Send the queued frames; frames the client does not accept within
-        ``ws_send_timeout`` (of their turn to go) mark it too slow and end the connection."""
+        ``ws_send_timeout`` of their turn to go (those waiting together share one timer)
+        mark it too slow and end the connection."""
         send, timeout = self.websocket.send_text, self.config.ws_send_timeout
         outbox, pending = self.outbox, self.pending
         while True:
             await pending.wait()
             pending.clear()
-            with anyio.move_on_after(timeout) as scope:  # one timer for what is waiting
-                while outbox:
-                    await send(outbox.popleft())
-            if scope.cancelled_caught:
-                self.too_slow = True
-                self.tg.cancel_scope.cancel()
-                return
+            while outbox:
+                # One timer for the frames waiting now; frames queued meanwhile get their own.
+                with anyio.move_on_after(timeout) as scope:
+                    for _ in range(len(outbox)):
+                        await send(outbox.popleft())
+                if scope.cancelled_caught:
+                    self.too_slow = True
+                    self.tg.cancel_scope.cancel()
+                    return
 
     async def handle(self, text: str) -> None:
         if len(text.encode()) > self.config.max_ws_message_size:

@@ -316,12 +316,15 @@ class RedisStore:
                 yield list(tokens)
             return
         key, last = self.tokens_key(request_id), "0-0"
+        finished = False  # seen finished: read what is left without blocking, then stop
         while True:
-            answer = await command(self._client.xread({key: last}, count=256, block=self._block_ms))
+            block = None if finished else self._block_ms
+            answer = await command(self._client.xread({key: last}, count=256, block=block))
             if not answer:  # nothing within the block: has it ended without an end entry?
-                current = await self.read(request_id)
-                if current is None or current.finished_at is not None:
+                if finished:
                     return
+                current = await self.read(request_id)
+                finished = current is None or current.finished_at is not None
                 continue
             batch: list[str] = []
             ended = False

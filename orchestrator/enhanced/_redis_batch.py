@@ -20,6 +20,7 @@ that may (a read, a ``SET``, a rate-limit take: at worst one token more) go thro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["CommandBatcher", "Queued", "batcher_for"]
 
 _LEAD: Final = object()  # a follower's reply that makes it the next leader
+_MISSING: Final = object()
 
 
 @final
@@ -72,7 +74,8 @@ class CommandBatcher:
     def enqueue(self, *command: Any) -> Queued:
         """Queue ``command`` now, to await its reply later (``await queued.reply()``):
         a call that will send a command of its own next (a rate-limit check) takes this one
-        in its batch. Never awaited, it is still sent, with some later batch.
+        in its batch. One nobody will await is ``discard()``-ed (else it is still sent, with
+        some later batch).
         """
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)  # a reply nobody reads must not warn
@@ -83,7 +86,8 @@ class CommandBatcher:
     def send_detached(self, *command: Any) -> asyncio.Future[Any] | None:
         """Queue ``command`` behind the batch in flight without waiting for its reply: the
         leader sends it (in order: a command queued later from this process runs after
-        it), in its next batch or, with nobody else waiting, one more of its own.
+        it), in its next batch or, with nobody else waiting, one more of its own (once:
+        after that the lead lapses, and what is left goes with the next caller's batch).
 
         Returns:
             The reply's future (the caller reads its error, if any), or ``None``, nothing
@@ -109,7 +113,8 @@ class CommandBatcher:
             reply = await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled() and future.result() is _LEAD:
-                self._hand_off()  # made leader, then cancelled before it could lead
+                self._queue.remove(entry)  # made leader, then cancelled before it could lead
+                self._hand_off()
             raise
         if reply is _LEAD:
             await self._lead(entry, fresh=False)
@@ -126,12 +131,13 @@ class CommandBatcher:
                 except asyncio.CancelledError:
                     queue.remove(own)  # not sent: nobody waits for it
                     raise
-            else:  # the lead came on this entry's future: a new one for its reply
+            else:  # the lead came on this entry's future (it kept its place in the queue)
                 own.future = asyncio.get_running_loop().create_future()
-                queue.insert(0, own)
             await self._send_queued(own)
-            while self._queue and not self._awaited():
-                await self._send_queued(None)  # only detached commands are left: send them
+            if self._queue and not self._awaited():
+                # Only detached commands queued meanwhile: one batch more for them, then
+                # the lead lapses (a stream of stores must not hold this caller).
+                await self._send_queued(None)
         finally:
             self._hand_off()
 
@@ -142,19 +148,30 @@ class CommandBatcher:
         except asyncio.CancelledError:
             self._queue[:0] = [e for e in batch if e is not own and not e.future.done()]
             raise
-        except Exception as exc:
+        except BaseException as exc:
+            failure = exc if isinstance(exc, Exception) else RuntimeError("the batch was stopped")
             for entry in batch:
                 if not entry.future.done():
-                    entry.future.set_exception(exc)
-            return
-        for entry, reply in zip(batch, replies, strict=True):
+                    entry.future.set_exception(failure)
+            if failure is exc:
+                return
+            raise
+        for i, entry in enumerate(batch):
             future = entry.future
             if future.done():
                 continue  # its caller was cancelled: nobody reads it
-            if isinstance(reply, Exception):
+            reply = replies[i] if i < len(replies) else _MISSING
+            if reply is _MISSING:
+                future.set_exception(RuntimeError("Redis sent no reply to this command"))
+            elif isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    def _discard(self, entry: _Entry) -> None:
+        """Take an unsent entry out of the queue (one being sent goes on, unread)."""
+        with contextlib.suppress(ValueError):
+            self._queue.remove(entry)
 
     def _awaited(self) -> bool:
         return any(not e.detached and not e.future.done() for e in self._queue)
@@ -163,10 +180,9 @@ class CommandBatcher:
         """The lead goes to the first caller still waiting, or lapses (detached commands
         left by a cancelled leader go with the next batch)."""
         queue = self._queue
-        for i, entry in enumerate(queue):
+        for entry in queue:
             if not entry.detached and not entry.future.done():
-                entry.future.set_result(_LEAD)
-                del queue[i]
+                entry.future.set_result(_LEAD)  # it keeps its place: the order holds
                 return
         queue[:] = [e for e in queue if e.detached]  # callers cancelled before their batch
         self._busy = False
@@ -198,6 +214,10 @@ class Queued:
             The command's own error, or the connection's.
         """
         return await self._batcher._reply(self._entry)  # noqa: SLF001  # one module's
+
+    def discard(self) -> None:
+        """Nobody will read the reply: if the command is not sent yet, it never is."""
+        self._batcher._discard(self._entry)  # noqa: SLF001  # one module's
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -21,7 +21,6 @@ cache recovers by itself.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import logging
@@ -308,11 +307,11 @@ class CacheLayer:
             value = answer
         return self._counted(value)
 
-    def get_soon(self, key: str) -> Callable[[], Awaitable[str | None]]:
+    def get_soon(self, key: str) -> PendingGet:
         """``get(key)`` in two steps: on Redis its command is queued now, so that the next
         command sent to the same client (a Redis rate-limit check) carries it in the same
-        round trip; the returned function awaits the answer. Calling it is optional: a
-        lookup nobody reads costs a queued ``GET``, nothing else.
+        round trip; ``await pending.answer()`` awaits the answer, and ``pending.discard()``
+        says nobody will (a command not sent yet is then never sent).
 
         Raises:
             RuntimeError: The cache is closed (here, or when the answer is awaited).
@@ -321,12 +320,13 @@ class CacheLayer:
         if self._closed:
             raise RuntimeError("the cache is closed")
         if not isinstance(backend, _RedisBackend) or self._outage.down:
-            return functools.partial(self.get, key)
-        return functools.partial(self._answer_of, backend.enqueue_get(key))
+            return PendingGet(self, key, None)
+        return PendingGet(self, key, backend.enqueue_get(key))
 
     async def _answer_of(self, queued: Queued) -> str | None:
         answer = await self._guarded(queued.reply)
         if answer is DOWN:
+            queued.discard()
             return None
         return self._counted(_RedisBackend.decode(answer))
 
@@ -468,6 +468,30 @@ class CacheLayer:
         self._error_cell.inc()
         self._outage.failed(exc)
         self._direct = False
+
+
+@final
+class PendingGet:
+    """A lookup begun by ``CacheLayer.get_soon``: ``await answer()``, or ``discard()``."""
+
+    __slots__ = ("_cache", "_key", "_queued")
+
+    def __init__(self, cache: CacheLayer, key: str, queued: Queued | None) -> None:
+        self._cache = cache
+        self._key = key
+        self._queued = queued
+
+    async def answer(self) -> str | None:
+        """What ``get(key)`` answers."""
+        queued = self._queued
+        if queued is None:
+            return await self._cache.get(self._key)
+        return await self._cache._answer_of(queued)  # noqa: SLF001  # one module's
+
+    def discard(self) -> None:
+        """Nobody will read the answer: its command, if not sent yet, never is."""
+        if self._queued is not None:
+            self._queued.discard()
 
 
 @final
@@ -636,11 +660,9 @@ class CachePolicy:
                 return cache_key(request.input, self.scope, *itertools.chain(*kept))
         return cache_key(request.input, self.scope)
 
-    def lookup_soon(
-        self, request: PromptRequest
-    ) -> tuple[str, Callable[[], Awaitable[str | None]]]:
-        """``lookup`` in two steps (see ``CacheLayer.get_soon``): the key, and the function
-        that awaits its stored answer."""
+    def lookup_soon(self, request: PromptRequest) -> tuple[str, PendingGet]:
+        """``lookup`` in two steps (see ``CacheLayer.get_soon``): the key, and the pending
+        lookup of its stored answer."""
         key = self.key(request)
         return key, self.cache.get_soon(key)
 

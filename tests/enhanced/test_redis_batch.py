@@ -147,3 +147,47 @@ async def test_a_requests_rate_limit_check_and_cache_lookup_share_one_round_trip
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+async def test_a_caller_handed_the_lead_keeps_its_place_behind_a_detached_store(
+    client: Redis,
+) -> None:
+    batcher = CommandBatcher(client)
+    leader = asyncio.create_task(batcher.execute("BLPOP", "batch:never", "0.1"))  # in flight
+    await anyio.wait_all_tasks_blocked()
+    assert batcher.send_detached("SET", "batch:k", "stored") is not None
+    deleted = asyncio.create_task(batcher.execute("DEL", "batch:k"))  # queued after the SET
+    await anyio.wait_all_tasks_blocked()
+    assert await leader is None
+    assert await deleted == 1  # the SET ran first, then the DEL found the key
+    assert await client.get("batch:k") is None
+
+
+async def test_a_discarded_command_is_never_sent(client: Redis) -> None:
+    batcher = CommandBatcher(client)
+    await client.set("batch:k", "kept")
+    queued = batcher.enqueue("DEL", "batch:k")
+    queued.discard()
+    assert await batcher.execute("ECHO", "next") == b"next"
+    assert batcher.commands == 1
+    assert await client.get("batch:k") == b"kept"
+
+
+async def test_a_stream_of_detached_stores_does_not_hold_the_leader(client: Redis) -> None:
+    batcher = CommandBatcher(client)
+    stop = False
+
+    async def store_forever() -> None:  # a store behind every batch, as a busy Stream stage
+        i = 0
+        while not stop:
+            if batcher.send_detached("SET", "batch:k", str(i)) is None:
+                await batcher.execute("SET", "batch:k", str(i))
+            i += 1
+            await asyncio.sleep(0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store_forever)
+        await asyncio.sleep(0)
+        with anyio.fail_after(2):
+            assert await batcher.execute("ECHO", "mine") == b"mine"  # answered, not held
+        stop = True

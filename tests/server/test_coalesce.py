@@ -64,6 +64,18 @@ async def test_the_writes_of_one_turn_leave_in_one_write() -> None:
     assert under.writes[1:] == [b"lone"]
 
 
+async def test_a_big_body_goes_to_the_socket_at_once_not_at_the_end_of_the_turn() -> None:
+    under = Recording()
+    transport = CoalescingTransport(under, asyncio.get_running_loop())
+    transport.write(b"x" * 1000)
+    transport.write(b"y" * 70_000)  # past 64 KiB: written now, where flow control sees it
+    assert under.writes == [b"x" * 1000 + b"y" * 70_000]
+    assert transport.get_write_buffer_size() == 0
+    transport.write(b"z")
+    await _turn()
+    assert under.writes[1:] == [b"z"]
+
+
 async def test_close_sends_what_is_buffered_and_abort_drops_it() -> None:
     under = Recording()
     transport = CoalescingTransport(under, asyncio.get_running_loop())
