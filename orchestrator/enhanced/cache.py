@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from orchestrator.metrics import CounterCell
     from orchestrator.types import PromptRequest
 
-__all__ = ["CacheBackend", "CacheLayer", "CachePolicy", "CacheStats", "cache_key"]
+__all__ = ["CacheBackend", "CacheLayer", "CachePolicy", "CacheStats", "PendingGet", "cache_key"]
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
