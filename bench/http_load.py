@@ -17,6 +17,7 @@ one request through uvicorn and Starlette.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,10 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 BODY = {"prompt": "What is the capital of France?", "session_id": "bench", "metadata": {}}
 
@@ -149,6 +154,77 @@ def pin(core: int, args: argparse.Namespace) -> list[str]:
     return ["taskset", "-c", str(core)] if args.pin else []
 
 
+def arguments(description: str, *, duration: int = 5) -> argparse.ArgumentParser:
+    """The options every load script takes: ``--duration``, ``--connections``,
+    ``--rounds``, ``--no-pin``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--duration", type=int, default=duration)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--no-pin", dest="pin", action="store_false", help="do not pin servers and clients"
+    )
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, script: str) -> argparse.Namespace:
+    """Parse, turn pinning off where it cannot be done, and insist on ``wrk``."""
+    args = parser.parse_args()
+    args.pin = args.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    if shutil.which("wrk") is None:
+        sys.exit(f"{script} needs wrk: apt-get install -y wrk")
+    return args
+
+
+@contextlib.contextmanager
+def serving(
+    source: str,
+    args: argparse.Namespace,
+    env: dict[str, str] | None = None,
+    ready: Callable[[int, subprocess.Popen[bytes]], None] = wait_ready,
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Run the server script ``source`` on a free port, pinned to core 0, until exit;
+    yields the process and its port once ``ready`` says it serves."""
+    port = free_port()
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
+        script.write(source)
+    process = subprocess.Popen(
+        [*pin(0, args), sys.executable, script.name, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        ready(port, process)
+        yield process, port
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        os.unlink(script.name)
+
+
+def wrk(
+    args: argparse.Namespace, port: int, lua: Path | str, *, connections: int | None = None
+) -> str:
+    """``wrk`` (pinned to core 1) against the port's infer route; its output."""
+    command = [
+        *pin(1, args),
+        "wrk",
+        f"-t{getattr(args, 'threads', 1)}",
+        f"-c{connections or args.connections}",
+        f"-d{args.duration}s",
+        "--latency",
+        "-s",
+        str(lua),
+        f"http://127.0.0.1:{port}/api/v1/infer",
+    ]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
 class ThrowawayRedis:
     """A ``redis-server`` of our own on a free port (nothing kept), pinned beside wrk."""
 
@@ -222,59 +298,24 @@ def _run(
     env: dict[str, str] | None,
     redis: ThrowawayRedis | None,
 ) -> dict[str, float]:
-    port = free_port()
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-        script.write(source)
-    process = subprocess.Popen(
-        [*pin(0, args), sys.executable, script.name, str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        wait_ready(port, process)
-        command = [
-            *pin(1, args),
-            "wrk",
-            f"-t{args.threads}",
-            f"-c{args.connections}",
-            f"-d{args.duration}s",
-            "--latency",
-            "-s",
-            str(lua),
-            f"http://127.0.0.1:{port}/api/v1/infer",
-        ]
+    with serving(source, args, env) as (_, port):
         before = redis.reads() if redis is not None else None
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        result = parse_wrk(output)
+        result = parse_wrk(wrk(args, port, lua))
         if redis is not None and before is not None:
             after = redis.reads()
             assert after is not None
             result["redis_reads_per_request"] = (after - before - 1) / result["requests"]
         return result
-    finally:
-        process.terminate()
-        process.wait(30)
-        os.unlink(script.name)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=64)
+    parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--redis", action="store_true", help="also the server with its policies in Redis"
     )
-    parser.add_argument(
-        "--no-pin", dest="pin", action="store_false", help="do not pin server and wrk to cores"
-    )
-    args = parser.parse_args()
-    args.pin = args.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
-    if shutil.which("wrk") is None:
-        sys.exit("bench/http_load.py needs wrk: apt-get install -y wrk")
+    args = parse(parser, "bench/http_load.py")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         body = json.dumps({**BODY, "prompt": f"{BODY['prompt']} #%d"}).replace("'", "\\'")
         lua.write(LUA % body)

@@ -20,19 +20,20 @@ the latency our server adds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_load import SERVER, free_port, parse_wrk, pin, wait_ready
+from http_load import SERVER, arguments, parse, parse_wrk, serving, wrk
+
+if TYPE_CHECKING:
+    import argparse
 
 BARE = """
 import asyncio, contextlib, json, sys, uuid
@@ -127,54 +128,21 @@ BODY = {"prompt": "What is the capital of France? #%d", "session_id": "bench", "
 
 
 def run(source: str, lua: Path, connections: int, args: argparse.Namespace) -> dict[str, float]:
-    port = free_port()
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-        script.write(source)
-    process = subprocess.Popen(
-        [*pin(0, args), sys.executable, script.name, str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "BENCH_POLICIES": "0"},
-    )
-    try:
-        wait_ready(port, process)
-        command = [
-            *pin(1, args),
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{args.duration}s",
-            "--latency",
-            "-s",
-            str(lua),
-            f"http://127.0.0.1:{port}/api/v1/infer",
-        ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        result = parse_wrk(output)
-        match = re.search(r"PAIRS posts=(\d+) completed=(\d+)", output)
-        if match is None:
-            raise RuntimeError(f"no pair counts in wrk's output:\n{output}")
-        if result["non_2xx"]:
-            raise RuntimeError(f"{result['non_2xx']:.0f} answers were not 2xx")
-        pairs = min(int(match.group(1)), int(match.group(2)))
-        result["pairs"] = pairs / args.duration
-        return result
-    finally:
-        process.terminate()
-        process.wait(30)
-        os.unlink(script.name)
+    with serving(source, args, {"BENCH_POLICIES": "0"}) as (_, port):
+        output = wrk(args, port, lua, connections=connections)
+    result = parse_wrk(output)
+    match = re.search(r"PAIRS posts=(\d+) completed=(\d+)", output)
+    if match is None:
+        raise RuntimeError(f"no pair counts in wrk's output:\n{output}")
+    if result["non_2xx"]:
+        raise RuntimeError(f"{result['non_2xx']:.0f} answers were not 2xx")
+    pairs = min(int(match.group(1)), int(match.group(2)))
+    result["pairs"] = pairs / args.duration
+    return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-pin", dest="pin", action="store_false")
-    args = parser.parse_args()
-    args.pin = args.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
-    if shutil.which("wrk") is None:
-        sys.exit("bench/roundtrip_load.py needs wrk: apt-get install -y wrk")
+    args = parse(arguments(__doc__.splitlines()[0]), "bench/roundtrip_load.py")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(LUA % json.dumps(BODY).replace("'", "\\'"))
     results: dict[tuple[str, int], list[dict[str, float]]] = {}

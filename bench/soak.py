@@ -19,14 +19,12 @@ RSS is the server process's ``VmRSS`` (Linux ``/proc``); the clients run in this
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
 import gc
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_load import SERVER, free_port, pin, wait_ready
+import argparse
+
+from http_load import SERVER, parse, pin, serving
 
 QUEUED = """
 import asyncio, gc, json, sys
@@ -109,29 +109,6 @@ def rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-def start(source: str, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], int, str]:
-    port = free_port()
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-        script.write(source)
-    process = subprocess.Popen(
-        [*pin(0, args), sys.executable, script.name, str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_ready(port, process)
-    return process, port, script.name
-
-
-def stop(process: subprocess.Popen[bytes], script: str) -> None:
-    process.terminate()
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    os.unlink(script)
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -213,52 +190,56 @@ def queued(n: int) -> dict[str, float]:
 
 
 def steady(args: argparse.Namespace) -> list[tuple[float, int]]:
-    process, port, script = start(SERVER, args)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(STEADY_LUA)
     samples: list[tuple[float, int]] = []
     try:
-        seconds = int(args.minutes * 60)
-        wrk = subprocess.Popen(
-            [
-                *pin(1, args),
-                "wrk",
-                "-t1",
-                "-c16",
-                f"-d{seconds}s",
-                "-s",
-                lua.name,
-                f"http://127.0.0.1:{port}/api/v1/infer",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        start_at = time.monotonic()
-        while wrk.poll() is None:
-            samples.append((time.monotonic() - start_at, rss(process.pid)))
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                wrk.wait(args.every)
-        output = wrk.stdout.read() if wrk.stdout else ""
-        rate = [line for line in output.splitlines() if line.startswith("Requests/sec")]
-        print(f"  steady traffic: {rate[0] if rate else output}")
+        with serving(SERVER, args) as (process, port):
+            samples = _sample_steady(args, process, port, lua.name)
     finally:
-        stop(process, script)
         os.unlink(lua.name)
+    return samples
+
+
+def _sample_steady(
+    args: argparse.Namespace, process: subprocess.Popen[bytes], port: int, lua: str
+) -> list[tuple[float, int]]:
+    samples: list[tuple[float, int]] = []
+    seconds = int(args.minutes * 60)
+    wrk = subprocess.Popen(
+        [
+            *pin(1, args),
+            "wrk",
+            "-t1",
+            "-c16",
+            f"-d{seconds}s",
+            "-s",
+            lua,
+            f"http://127.0.0.1:{port}/api/v1/infer",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    start_at = time.monotonic()
+    while wrk.poll() is None:
+        samples.append((time.monotonic() - start_at, rss(process.pid)))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            wrk.wait(args.every)
+    output = wrk.stdout.read() if wrk.stdout else ""
+    rate = [line for line in output.splitlines() if line.startswith("Requests/sec")]
+    print(f"  steady traffic: {rate[0] if rate else output}")
     return samples
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--every", type=float, default=30.0)
     parser.add_argument("--queued", type=int, default=100_000)
     parser.add_argument("--polls", type=int, default=10_000)
     parser.add_argument("--sockets", type=int, default=5_000)
-    parser.add_argument("--no-pin", dest="pin", action="store_false")
-    args = parser.parse_args()
-    args.pin = args.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
-    if shutil.which("wrk") is None:
-        sys.exit("bench/soak.py needs wrk: apt-get install -y wrk")
+    args = parse(parser, "bench/soak.py")
     mib = 1024 * 1024
 
     q = queued(args.queued)
@@ -269,27 +250,21 @@ def main() -> None:
     )
 
     gc.collect()
-    process, port, script = start(HELD, args)
-    try:
+    with serving(HELD, args) as (process, port):
         polls = asyncio.run(long_polls(process.pid, port, args.polls))
         per = (polls["after_gets"] - polls["after_posts"]) / polls["polls"]
         print(
             f"long-polls      : {polls['polls']:,} waiting, RSS {polls['after_posts'] / mib:.0f}"
             f" -> {polls['after_gets'] / mib:.0f} MiB: {per:,.0f} B per waiting GET /result"
         )
-    finally:
-        stop(process, script)
 
-    process, port, script = start(HELD, args)
-    try:
+    with serving(HELD, args) as (process, port):
         ws = asyncio.run(idle_sockets(process.pid, port, args.sockets))
         per = (ws["after"] - ws["before"]) / ws["sockets"]
         print(
             f"idle WebSockets : {ws['sockets']:,} open, RSS {ws['before'] / mib:.0f} -> "
             f"{ws['after'] / mib:.0f} MiB: {per:,.0f} B per socket"
         )
-    finally:
-        stop(process, script)
 
     print(f"steady traffic for {args.minutes:g} min (RSS every {args.every:g} s):")
     samples = steady(args)

@@ -15,12 +15,10 @@ stream is checked for all 256 tokens and the right text before it is loaded.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,10 +26,14 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from http_load import SERVER as HTTP_SERVER
-from http_load import free_port, parse_wrk, pin
+from http_load import arguments, parse, parse_wrk, pin, serving, wrk
+
+if TYPE_CHECKING:
+    import argparse
 
 TOKENS = 256
 WORDS = " ".join(f"w{i}" for i in range(TOKENS - 1))  # and a request number: 256 tokens
@@ -213,30 +215,9 @@ async def _ws_client(port: int, seconds: float, connections: int) -> None:
 
 def run(source: str, protocol: str, lua: Path, args: argparse.Namespace) -> float:
     """Tokens per second delivered by one server over one protocol."""
-    port = free_port()
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
-        script.write(source)
-    process = subprocess.Popen(
-        [*pin(0, args), sys.executable, script.name, str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "BENCH_POLICIES": os.environ.get("BENCH_POLICIES", "1")},
-    )
-    try:
-        check_sse(port, process)
+    with serving(source, args, ready=check_sse) as (_, port):
         if protocol == "sse":
-            command = [
-                *pin(1, args),
-                "wrk",
-                "-t1",
-                f"-c{args.connections}",
-                f"-d{args.duration}s",
-                "-s",
-                str(lua),
-                f"http://127.0.0.1:{port}/api/v1/infer",
-            ]
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            result = parse_wrk(output)
+            result = parse_wrk(wrk(args, port, lua))
             if result["non_2xx"]:
                 raise RuntimeError(f"{result['non_2xx']:.0f} answers were not 200")
             return result["rps"] * TOKENS
@@ -250,12 +231,8 @@ def run(source: str, protocol: str, lua: Path, args: argparse.Namespace) -> floa
             str(args.connections),
         ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        counts = json.loads(output)
-        return float(counts["streams"] * TOKENS / counts["seconds"])
-    finally:
-        process.terminate()
-        process.wait(30)
-        os.unlink(script.name)
+    counts = json.loads(output)
+    return float(counts["streams"] * TOKENS / counts["seconds"])
 
 
 def main() -> None:
@@ -263,18 +240,9 @@ def main() -> None:
         port, seconds, connections = sys.argv[2:5]
         asyncio.run(_ws_client(int(port), float(seconds), int(connections)))
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
-    parser.add_argument(
-        "--no-pin", dest="pin", action="store_false", help="do not pin servers and clients"
-    )
-    args = parser.parse_args()
-    args.pin = args.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
-    if shutil.which("wrk") is None:
-        sys.exit("bench/stream_load.py needs wrk: apt-get install -y wrk")
+    args = parse(parser, "bench/stream_load.py")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         template = json.dumps({**body(0), "prompt": f"{WORDS} #%d"}).replace("'", "\\'")
         lua.write(LUA % template)
