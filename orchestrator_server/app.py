@@ -340,3 +340,8 @@ class _DrainingServer(uvicorn.Server):
                     sock.close()
                 await drain.wait_over()
         await super().shutdown(sockets)
+        if self.force_exit and self.started:
+            # A second Ctrl-C: uvicorn skips the app's shutdown, which leaves the pipeline's
+            # owner to be cancelled at exit (a traceback on the terminal). The drain is
+            # over by now, so the app shuts down at once: let it.
+            await self.lifespan.shutdown()

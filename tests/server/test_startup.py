@@ -71,15 +71,17 @@ async def rest_of(stderr: BufferedByteReceiveStream) -> str:
 
 
 @pytest.mark.parametrize(
-    ("command", "sig"),
+    ("command", "sig", "times"),
     [
-        pytest.param(["examples/web_api_demo.py"], signal.SIGINT, id="demo-SIGINT"),
-        pytest.param(["examples/web_api_demo.py"], signal.SIGTERM, id="demo-SIGTERM"),
-        pytest.param(["-m", "orchestrator_server"], signal.SIGINT, id="cli-SIGINT"),
+        pytest.param(["examples/web_api_demo.py"], signal.SIGINT, 1, id="demo-SIGINT"),
+        pytest.param(["examples/web_api_demo.py"], signal.SIGTERM, 1, id="demo-SIGTERM"),
+        pytest.param(["-m", "orchestrator_server"], signal.SIGINT, 1, id="cli-SIGINT"),
+        # Ctrl-C again while it shuts down: uvicorn's force exit, quiet all the same.
+        pytest.param(["examples/web_api_demo.py"], signal.SIGINT, 2, id="demo-SIGINT-twice"),
     ],
 )
 async def test_the_server_says_where_it_serves_and_a_signal_stops_it_with_status_0(
-    command: list[str], sig: signal.Signals
+    command: list[str], sig: signal.Signals, times: int
 ) -> None:
     port = free_port()
     env = child_env(SERVER_PORT=str(port), SERVER_HOST="127.0.0.1")
@@ -99,6 +101,10 @@ async def test_the_server_says_where_it_serves_and_a_signal_stops_it_with_status
                 health = await client.get("/health")
             assert health.status_code == 200
             process.send_signal(sig)
+            if times == 2:
+                with anyio.fail_after(20):
+                    await read_until(stderr, "Shutting down", seen)
+                process.send_signal(sig)
             with anyio.fail_after(20):
                 seen.append(await rest_of(stderr))
                 code = await process.wait()
