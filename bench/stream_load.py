@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from http_load import LUA, arguments, parse, parse_wrk, pin, serving, wrk
 from http_load import SERVER as HTTP_SERVER
-from http_load import arguments, parse, parse_wrk, pin, serving, wrk
 
 if TYPE_CHECKING:
     import argparse
@@ -98,16 +98,6 @@ SERVER = HTTP_SERVER.replace(
 ).replace("import asyncio,", "import attrs, asyncio,")
 assert "attrs.evolve" in SERVER
 assert "import attrs" in SERVER
-
-LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local n = 0
-request = function()  -- a new prompt each time: every request misses the cache
-  n = n + 1
-  return wrk.format(nil, nil, nil, string.format('%s', n))
-end
-"""
 
 
 def body(n: int) -> dict[str, object]:

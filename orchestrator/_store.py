@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, final, overload
 
 from orchestrator._waiters import Waiters
 from orchestrator.errors import InvalidRequest
@@ -58,11 +58,13 @@ class _TokenLog:
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self._ends)))
 
-    def tail(self, start: int) -> list[str]:
-        """The tokens from ``start`` on."""
-        return [self[i] for i in range(start, len(self._ends))]
-
-    def __getitem__(self, index: int) -> str:
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):  # a list, as the list it replaces would give
+            return [self[i] for i in range(*index.indices(len(self._ends)))]
         start = self._ends[index - 1] if index else 0
         return self.text[start : self._ends[index]]
 
@@ -302,8 +304,7 @@ class MemoryStore:
             tokens = record.tokens
             n = len(tokens)
             if i < n:
-                # A copy of the growing list, or the tail of its compacted form.
-                batch = tokens[i:] if type(tokens) is not _TokenLog else tokens.tail(i)
+                batch = tokens[i:]  # a copy: the list grows
                 i = n
                 yield batch
                 continue  # more may have come, or the record finished, meanwhile

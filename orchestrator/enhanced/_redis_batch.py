@@ -67,9 +67,7 @@ class CommandBatcher:
         Raises:
             The command's own error, or the connection's (each as redis-py raises it).
         """
-        entry = _Entry(command, asyncio.get_running_loop().create_future())
-        self._queue.append(entry)
-        return await self._reply(entry)
+        return await self._reply(self._append(command, detached=False))
 
     def enqueue(self, *command: Any) -> Queued:
         """Queue ``command`` now, to await its reply later (``await queued.reply()``):
@@ -77,10 +75,8 @@ class CommandBatcher:
         in its batch. One nobody will await is ``discard()``-ed (else it is still sent, with
         some later batch).
         """
-        future = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_retrieve)  # a reply nobody reads must not warn
-        entry = _Entry(command, future, detached=True)
-        self._queue.append(entry)
+        entry = self._append(command, detached=True)
+        entry.future.add_done_callback(_retrieve)  # a reply nobody reads must not warn
         return Queued(self, entry)
 
     def send_detached(self, *command: Any) -> asyncio.Future[Any] | None:
@@ -95,9 +91,12 @@ class CommandBatcher:
         """
         if not self._busy:
             return None
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Entry(command, future, detached=True))
-        return future
+        return self._append(command, detached=True).future
+
+    def _append(self, command: tuple[Any, ...], *, detached: bool) -> _Entry:
+        entry = _Entry(command, asyncio.get_running_loop().create_future(), detached=detached)
+        self._queue.append(entry)
+        return entry
 
     async def _reply(self, entry: _Entry) -> Any:
         """Wait for a queued entry's reply, leading its batch if nobody leads."""
